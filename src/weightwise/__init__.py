@@ -1,0 +1,31 @@
+"""weightwise: which weights matter and which data matter — quantize, tune and evaluate causal LMs.
+
+The public API is imported lazily so that ``import weightwise.formats`` (or the CLI's ``--help``)
+does not pay for transformers.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "QuantRecipe": "weightwise.quantize.recipe",
+    "QuantSpec": "weightwise.formats.base",
+    "QuantizedLinear": "weightwise.quantize.qlinear",
+    "WeightwiseError": "weightwise.errors",
+    "corpus": "weightwise.data.corpora",
+    "evaluate": "weightwise.evaluate",
+    "get_format": "weightwise.formats.registry",
+    "load_model": "weightwise.io.models",
+    "quantize": "weightwise.quantize.api",
+    "quantization_record": "weightwise.quantize.api",
+    "save": "weightwise.quantize.serialize",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'weightwise' has no attribute {name!r}")

@@ -1,0 +1,145 @@
+"""QuantRecipe: the one typed description of a quantization job, shared by the CLI, YAML and the API."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from weightwise.errors import WeightwiseError
+from weightwise.formats.base import Granularity, QuantSpec, ScaleDtype
+
+RECIPE_VERSION = 1
+
+
+class LayerOverride(BaseModel):
+    """Settings for the layers whose names match ``pattern`` (first matching override wins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field(description="Regex searched in module names, e.g. 'mlp\\.down_proj$' or 'layers\\.0\\.'.")
+    skip: bool = Field(False, description="Keep the matching layers unquantized.")
+    format: str | None = Field(None, description="Format for the matching layers (default: the recipe's).")
+    granularity: Granularity | None = None
+    group_size: int | None = None
+    scale_dtype: ScaleDtype | None = None
+    pad: bool | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_regex(cls, value: str) -> str:
+        return _check_regex(value)
+
+
+class QuantRecipe(BaseModel):
+    """What to quantize, to which format, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(RECIPE_VERSION, description="Recipe schema version.")
+    format: str = Field("int4", description=QuantSpec.model_fields["format"].description)
+    granularity: Granularity = Field("group", description=QuantSpec.model_fields["granularity"].description)
+    group_size: int | None = Field(None, description=QuantSpec.model_fields["group_size"].description)
+    scale_dtype: ScaleDtype | None = Field(None, description=QuantSpec.model_fields["scale_dtype"].description)
+    pad: bool = Field(False, description=QuantSpec.model_fields["pad"].description)
+    method: str = Field("rtn", description="Quantization method (see `weightwise quantize --help`): rtn.")
+    targets: list[str] | None = Field(
+        None,
+        description="Regexes of Linear module names to quantize. Default: every Linear of the decoder blocks "
+        "(per model family); embeddings and lm_head are kept.",
+    )
+    ignore: list[str] = Field(default_factory=list, description="Regexes of module names never to quantize.")
+    overrides: list[LayerOverride] = Field(default_factory=list, description="Per-layer settings by name pattern.")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_regexes(cls, value):
+        return value if value is None else [_check_regex(p) for p in value]
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from weightwise.quantize.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}' (known: {', '.join(sorted(METHODS))})")
+        return value
+
+    @model_validator(mode="after")
+    def _specs_valid(self) -> "QuantRecipe":
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is not supported (this weightwise reads version {RECIPE_VERSION})")
+        self.base_spec()
+        for override in self.overrides:
+            if not override.skip:
+                self._merge(override)
+        return self
+
+    def base_spec(self) -> QuantSpec:
+        return QuantSpec(
+            format=self.format,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            scale_dtype=self.scale_dtype,
+            pad=self.pad,
+        )
+
+    def _merge(self, override: LayerOverride) -> QuantSpec:
+        fields = self.base_spec().model_dump()
+        changed = override.model_dump(exclude={"pattern", "skip"}, exclude_none=True)
+        if "format" in changed or "granularity" in changed:  # the base's group size/dtype may not fit the new format
+            fields.update(group_size=None, scale_dtype=None)
+        fields.update(changed)
+        return QuantSpec(**fields)
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The spec for module ``name``, or None if an override says to skip it."""
+        for override in self.overrides:
+            if re.search(override.pattern, name):
+                return None if override.skip else self._merge(override)
+        return self.base_spec()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **updates) -> "QuantRecipe":
+        """Load a YAML recipe; ``updates`` (e.g. from command-line options) replace its fields."""
+        return recipe_from_yaml(cls, path, updates)
+
+
+def recipe_from_yaml(model_cls, path: str | Path, updates: dict):
+    """Validate a YAML file (plus ``updates``) into ``model_cls``, with one-line errors naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightwiseError(f"recipe file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise WeightwiseError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise WeightwiseError(f"recipe {path} must be a mapping of field: value")
+    data.update(updates)
+    return validated(model_cls, data, source=str(path))
+
+
+def validated(model_cls, data: dict, source: str = "options"):
+    """``model_cls(**data)`` with a pydantic error turned into one line naming the field."""
+    try:
+        return model_cls(**data)
+    except ValidationError as err:
+        raise WeightwiseError(f"invalid {source}: {validation_message(err)}") from None
+
+
+def validation_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "recipe"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" + (f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else "")
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"'{pattern}' is not a valid regex: {err}") from None
+    return pattern
