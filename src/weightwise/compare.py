@@ -1,0 +1,74 @@
+"""Quantize one model with several recipes and evaluate each against it, in one run and one harness.
+
+The main job of `weightwise demo`, `bench/formats.py` and multi-model `weightwise eval`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+
+from torch import nn
+
+from weightwise.evaluate import evaluate, reference_outputs, token_windows
+from weightwise.evaluate.config import EvalConfig
+from weightwise.quantize.api import quantize
+from weightwise.quantize.recipe import QuantRecipe
+
+logger = logging.getLogger(__name__)
+
+Event = Callable[[str], None]
+
+
+def describe(recipe: QuantRecipe) -> str:
+    """Short label: format, granularity and method, e.g. 'int4 g64 rtn'."""
+    spec = recipe.base_spec()
+    where = f"g{spec.resolved_group_size}" if spec.granularity == "group" else f"per-{spec.granularity}"
+    return f"{recipe.format} {where} {recipe.method}"
+
+
+def compare_recipes(
+    model: nn.Module,
+    tokenizer,
+    recipes: list[QuantRecipe],
+    config: EvalConfig,
+    *,
+    source_name: str = "source fp32",
+    on_event: Event | None = None,
+) -> list[dict]:
+    """Rows (name, recipe, EvalResult fields, quantize time) for the source model and each recipe.
+
+    The source's outputs are computed once and every quantized model is compared with them.
+    """
+    say = on_event or (lambda message: None)
+    windows = token_windows(tokenizer, config.load_text(), window=config.window, max_tokens=config.max_tokens)
+    say(f"reference: {len(windows)} windows × {config.window} tokens")
+    reference = reference_outputs(model, windows, batch_size=config.batch_size)
+    eval_kwargs = dict(
+        text=config.load_text(),
+        reference=reference,
+        max_tokens=config.max_tokens,
+        window=config.window,
+        batch_size=config.batch_size,
+        measure_speed=config.measure_speed,
+    )
+    source = evaluate(model, tokenizer, **eval_kwargs).model_dump()
+    rows = [{"name": source_name, "format": "fp32", **source}]
+    say(f"{source_name}: ppl {source['ppl']:.3f}")
+    for recipe in recipes:
+        label = describe(recipe)
+        started = time.perf_counter()
+        qmodel = quantize(model, recipe)
+        quantize_seconds = time.perf_counter() - started
+        result = evaluate(qmodel, tokenizer, **eval_kwargs).model_dump()
+        if source["tokens_per_second"] and result["tokens_per_second"]:
+            result["reference_tokens_per_second"] = source["tokens_per_second"]
+            result["speed_ratio"] = result["tokens_per_second"] / source["tokens_per_second"]
+        rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
+                     "quantize_seconds": quantize_seconds, **result})
+        say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")
+        del qmodel
+        gc.collect()
+    return rows

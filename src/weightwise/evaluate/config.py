@@ -1,0 +1,24 @@
+"""EvalConfig: the evaluation settings shared by `weightwise eval`, the demo, the benchmarks and the API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from weightwise.data.corpora import corpus, join_documents
+
+
+class EvalConfig(BaseModel):
+    """Which text to score and how (DESIGN.md §4 protocol)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(1, description="Config schema version.")
+    text: str = Field("pydoc", description="Text source: 'pydoc' (CPython's topics) or a .txt/.md/.jsonl file (JSONL: 'text' field).")
+    split: str = Field("eval", description="Split of 'pydoc': eval (topics i % 4 == 0), calib or all.")
+    max_tokens: int | None = Field(None, ge=1, description="Score at most this many tokens (whole windows; quick runs). Default: all.")
+    window: int = Field(512, ge=2, description="Tokens per non-overlapping window.")
+    batch_size: int = Field(4, ge=1, description="Windows per forward call.")
+    measure_speed: bool = Field(True, description="Also time forward passes (tokens/s).")
+
+    def load_text(self) -> str:
+        return join_documents(corpus(self.text, self.split))

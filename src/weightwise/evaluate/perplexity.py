@@ -1,0 +1,51 @@
+"""Perplexity under the benchmark protocol (DESIGN.md §4): the text tokenized as one stream without
+BOS, cut into non-overlapping windows, the last partial window dropped; every position but the first
+of a window is scored, and ``ppl = exp(mean NLL)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from weightwise.errors import WeightwiseError
+
+
+def token_windows(tokenizer, text: str, window: int = 512, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` cut into ``(n_windows, window)`` non-overlapping windows.
+
+    ``max_tokens`` caps the tokens used, rounded down to whole windows but never below one window.
+    """
+    if window < 2:
+        raise WeightwiseError(f"window {window} is too small: use a window of at least 2 tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise WeightwiseError(f"max_tokens {max_tokens} is not positive: pass a positive count or leave it unset")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_windows = len(ids) // window
+    if n_windows == 0:
+        raise WeightwiseError(
+            f"the text has {len(ids)} tokens, fewer than one window of {window}: pass a longer text or a smaller window"
+        )
+    if max_tokens is not None:
+        n_windows = min(n_windows, max(1, max_tokens // window))
+    return torch.tensor(ids[: n_windows * window], dtype=torch.long).view(n_windows, window)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary, computed in float32 whatever the logits' dtype."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def target_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-probability of each target id: ``(..., V)`` and ``(...)`` → ``(...)``."""
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of tokens 1..L-1, each predicted from its prefix: ``(B, L, V)`` → ``(B, L-1)``."""
+    return target_nll(log_probs(logits[:, :-1]), input_ids[:, 1:])
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp(mean NLL)``; infinite rather than an overflow error for a hopeless model."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
