@@ -76,20 +76,21 @@ def formats() -> None:
     """List the number formats with their bits and storage cost."""
     from weightwise.formats import FORMAT_NAMES, QuantSpec, get_format, storage_bits
 
-    table = Table(title="Number formats (bits/weight for a 576×576 matrix at the default group size, fp16 scales unless fixed)")
+    table = Table(title="Number formats (bits/weight of a 576×1536 matrix at the default group size; scales fp16 unless fixed)")
     for column in ("name", "family", "bits/code", "values", "max", "scaling", "group", "scale dtype", "bits/weight"):
         table.add_column(column, justify="right" if column in ("bits/code", "values", "max", "group", "bits/weight") else "left")
     for name in FORMAT_NAMES:
         fmt = get_format(name)
         spec = QuantSpec(format=name)
-        shape = (576, 576)
+        shape = (576, 1536)
         bpw = storage_bits(shape, spec) / (shape[0] * shape[1])
         table.add_row(
             name + (f" ({', '.join(fmt.aliases)})" if fmt.aliases else ""), fmt.family, str(fmt.bits), str(len(fmt.grid)),
             f"{fmt.max_value:g}", fmt.scaling, str(spec.resolved_group_size), spec.resolved_scale_dtype, f"{bpw:.3f}",
         )
-    Console().print(table)
-    Console().print("General minifloats: fp{bits}_e{E}m{M}, e.g. fp5_e2m2 (every code finite).")
+    out = Console(width=max(Console().width, 130))
+    out.print(table)
+    out.print("General minifloats: fp{bits}_e{E}m{M}, e.g. fp5_e2m2 (every code finite).")
 
 
 @app.command("quantize")

@@ -36,7 +36,7 @@ class NumberFormat:
     block_size: int | None = None  # fixed group size (MX formats: 32)
     scale_dtype: ScaleDtype | None = None  # fixed scale dtype (MX formats: e8m0)
     emax: int | None = None  # MX: exponent of the element format's largest value
-    default_group_size: int = 128
+    default_group_size: int = 64
     aliases: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -66,6 +66,18 @@ class NumberFormat:
     def value_table(self) -> torch.Tensor:
         """float32 value of each code, unused codes mapped to 0 (for dequantization by indexing)."""
         return torch.tensor([0.0 if math.isnan(v) else v for v in self.values], dtype=torch.float32)
+
+    @cached_property
+    def code_offset(self) -> float | None:
+        """k when every code's value is ``code + k`` (integer formats: dequantize by arithmetic), else None."""
+        k = self.values[0]
+        return k if all(v == c + k for c, v in enumerate(self.values)) else None
+
+    def code_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """float32 value of each code."""
+        if self.code_offset is not None:
+            return codes.to(torch.float32) + self.code_offset
+        return torch.take(self.value_table.to(codes.device), codes.long())
 
     @property
     def max_value(self) -> float:
@@ -105,7 +117,7 @@ class QuantSpec(BaseModel):
     group_size: int | None = Field(
         None,
         description="Entries per group along the input dimension (granularity=group). "
-        "Default: the format's block size (MX: 32), else 128.",
+        "Default: the format's block size (MX: 32) or its default group (64; small minifloats 32).",
     )
     scale_dtype: ScaleDtype | None = Field(
         None, description="Storage dtype of scales (and offsets): fp32, fp16, bf16 or e8m0. Default: fp16 (MX: e8m0)."

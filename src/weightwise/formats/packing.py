@@ -25,6 +25,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.to(torch.uint8).clone()
     pad = (-flat.numel()) % 8
+    if bits in (1, 2, 4):
+        per_byte = 8 // bits
+        lanes = torch.nn.functional.pad(flat.to(torch.uint8), (0, pad)).view(-1, per_byte)
+        packed = lanes[:, 0].clone()
+        for lane in range(1, per_byte):
+            packed |= lanes[:, lane] << (bits * lane)
+        return packed
     words = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)
     shifts = torch.arange(8, dtype=torch.int64) * bits
     word = (words << shifts).sum(dim=1)
@@ -40,10 +47,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if bits == 8:
         return packed[:n_codes]
     if bits in (1, 2, 4):
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
-        codes = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)
-        return codes.reshape(-1)[:n_codes]
+        mask = 2**bits - 1
+        lanes = [(packed >> (bits * lane)) & mask for lane in range(8 // bits)]
+        return torch.stack(lanes, dim=1).reshape(-1)[:n_codes]
     bytes_ = packed.view(-1, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
     word = (bytes_ << byte_shifts).sum(dim=1)

@@ -76,6 +76,9 @@ def decode_scale(stored: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def _group_stats(x: torch.Tensor):
     """(min, max, absmax, absmean) of each group over its real (non-NaN) entries."""
+    if not x.isnan().any():
+        absx = x.abs()
+        return x.amin(dim=-1), x.amax(dim=-1), absx.amax(dim=-1), absx.mean(dim=-1)
     valid = ~torch.isnan(x)
     lo = torch.where(valid, x, math.inf).amin(dim=-1)
     hi = torch.where(valid, x, -math.inf).amax(dim=-1)
@@ -120,7 +123,7 @@ def to_codes(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | N
 
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor:
     """Dequantized float32 groups from codes and float32 ``scale``/``offset``."""
-    x = fmt.value_table.to(codes.device)[codes.long()] * scale.unsqueeze(-1)
+    x = fmt.code_values(codes) * scale.unsqueeze(-1)
     return x + offset.unsqueeze(-1) if offset is not None else x
 
 

@@ -83,7 +83,7 @@ def _minifloat(name: str, exp_bits: int, man_bits: int, specials: str, note: str
         values=minifloat_values(exp_bits, man_bits, specials),
         scaling="absmax",
         description=f"E{exp_bits}M{man_bits} minifloat{note}",
-        default_group_size=32 if exp_bits + man_bits <= 5 else 128,
+        default_group_size=32 if exp_bits + man_bits <= 5 else 64,
         aliases=aliases,
     )
 
@@ -133,7 +133,7 @@ def _build() -> dict[str, NumberFormat]:
             values=(-1.0, 0.0, 1.0, math.nan),
             scaling="absmean",
             description="ternary {-1, 0, +1} with absmean scale (BitNet b1.58), stored in 2 bits",
-            default_group_size=128,
+            default_group_size=64,
         )
     )
     int8_mx = NumberFormat(

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from weightwise.errors import WeightwiseError
 from weightwise.formats.base import Granularity, QuantSpec, ScaleDtype
+from weightwise.formats.registry import get_format
 
 RECIPE_VERSION = 1
 
@@ -89,8 +90,14 @@ class QuantRecipe(BaseModel):
     def _merge(self, override: LayerOverride) -> QuantSpec:
         fields = self.base_spec().model_dump()
         changed = override.model_dump(exclude={"pattern", "skip"}, exclude_none=True)
-        if "format" in changed or "granularity" in changed:  # the base's group size/dtype may not fit the new format
-            fields.update(group_size=None, scale_dtype=None)
+        if "granularity" in changed:
+            fields["group_size"] = None
+        if "format" in changed:  # keep the base's grouping and scale dtype unless the new format fixes them
+            new = get_format(changed["format"])
+            if new.block_size is not None:
+                fields.update(granularity="group", group_size=None)
+            if new.scale_dtype is not None or new.asymmetric and fields["scale_dtype"] == "e8m0":
+                fields["scale_dtype"] = None
         fields.update(changed)
         return QuantSpec(**fields)
 

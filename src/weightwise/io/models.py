@@ -1,0 +1,388 @@
+"""Load a causal LM and its tokenizer from "default", a .gguf file, a local folder, a weightwise
+quantized-model folder or a hub id already in the local Hugging Face cache (never downloads).
+
+A GGUF file is dequantized to fp32 once and cached as safetensors under
+``cache_dir()/gguf/<sha256>/``; later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import struct
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from gguf import GGUFReader
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from safetensors import SafetensorError, safe_open
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from weightwise.errors import WeightwiseError
+from weightwise.io.artifacts import (
+    MANIFEST_NAME,
+    atomic_output_dir,
+    cache_dir,
+    file_sha256,
+    read_manifest,
+    write_json_atomic,
+)
+from weightwise.io.defaults import DEFAULT_MODEL_NAME, default_gguf_path
+
+logger = logging.getLogger(__name__)
+
+QUANTIZED_MODEL_KIND = "quantized-model"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # what transformers loads
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# What gguf's reader raises on a cut-short or garbled file (numpy memmap/reshape, struct, sizes, indexing).
+_GGUF_PARSE_ERRORS = (ValueError, IndexError, OverflowError, struct.error, EOFError)
+# What transformers raises loading a damaged GGUF: the above, OSError for undecodable metadata text,
+# RuntimeError for tensor shapes that disagree with the metadata, StrictDataclassError for a bad config.
+_GGUF_LOAD_ERRORS = (*_GGUF_PARSE_ERRORS, OSError, RuntimeError, StrictDataclassError)
+# What torch.load(weights_only=True) raises on a cut-short, garbled or object-holding pickle.
+_PICKLE_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "gguf" | "folder" | "hub" | "quantized-model"
+    path: Path  # the .gguf file or the folder (for "hub": the snapshot folder in the HF cache)
+
+
+def load_model(
+    source: str | os.PathLike = "default",
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load ``(model, tokenizer)``, the model in eval mode.
+
+    ``source``: "default", a .gguf file, a folder with config.json + weights, a weightwise
+    quantized-model folder, or a hub id in the local HF cache. The tokenizer is None when a folder
+    has no tokenizer files. Pickled weights (.bin/.pt) load only with ``allow_pickle=True`` and
+    then only through ``torch.load(weights_only=True)``. ``dtype`` does not apply to
+    quantized-model folders.
+    """
+    start = time.perf_counter()
+    src = _resolve(source)
+    if src.kind == QUANTIZED_MODEL_KIND:
+        from weightwise.quantize.serialize import load_quantized
+
+        model, tokenizer = load_quantized(src.path)
+    elif src.kind == "gguf":
+        folder = _gguf_cache_folder(src.path)
+        if not folder.is_dir():
+            _build_gguf_cache(src.path, folder)
+        model = _load_folder_model(folder, allow_pickle=False, trust_remote_code=False, dtype=dtype)
+        tokenizer = _load_folder_tokenizer(folder, trust_remote_code=False)
+    else:
+        model = _load_folder_model(
+            src.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+        tokenizer = _load_folder_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    _check_finite(model, src.path)
+    model.eval()
+    logger.info("loaded %s from %s in %.1f s", type(model).__name__, src.path, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def load_tokenizer(source: str | os.PathLike = "default", *, trust_remote_code: bool = False):
+    """The tokenizer of ``source`` (same sources as :func:`load_model`), or None if it has none."""
+    src = _resolve(source)
+    if src.kind != "gguf":
+        return _load_folder_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    folder = _gguf_cache_folder(src.path)
+    if folder.is_dir():
+        return _load_folder_tokenizer(folder, trust_remote_code=False)
+    return _read_gguf(src.path, AutoTokenizer.from_pretrained)
+
+
+def model_source_info(source: str | os.PathLike = "default") -> dict[str, Any]:
+    """What a manifest records about a model source: kind, given source, resolved path, weights sha256."""
+    src = _resolve(source)
+    info: dict[str, Any] = {"kind": src.kind, "source": os.fspath(source), "path": str(src.path)}
+    if source == "default":
+        info["name"] = DEFAULT_MODEL_NAME
+    info["sha256"] = _gguf_sha256(src.path) if src.kind == "gguf" else _folder_weights_sha256(src.path)
+    return info
+
+
+# --- resolving a source -------------------------------------------------------------------------
+
+
+def _resolve(source: str | os.PathLike) -> _Source:
+    if isinstance(source, str) and source == "default":
+        return _Source("gguf", default_gguf_path())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file() and read_manifest(path)["kind"] == QUANTIZED_MODEL_KIND:
+            return _Source(QUANTIZED_MODEL_KIND, path)
+        return _Source("folder", path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _Source("gguf", path)
+        raise WeightwiseError(
+            f"'{path}' is not a model source; pass a .gguf file or the folder holding config.json and the weights"
+        )
+    if isinstance(source, str) and _HUB_ID.fullmatch(source) and not source.lower().endswith(_FILE_SUFFIXES):
+        return _Source("hub", _hub_snapshot(source))
+    raise WeightwiseError(f"file not found: '{source}'; check the path")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the local HF cache (never downloads)."""
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError:
+        config = None
+    if not isinstance(config, str):
+        raise WeightwiseError(
+            f"model '{repo_id}' is not a local folder, a .gguf file or a hub id in the local Hugging Face cache; "
+            f"downloads are off: fetch it once with `hf download {repo_id}` or pass a local path"
+        )
+    return Path(config).parent
+
+
+# --- GGUF ---------------------------------------------------------------------------------------
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    return cache_dir() / "gguf" / _gguf_sha256(path)
+
+
+def _gguf_sha256(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered in the cache by (resolved path, size, mtime_ns)."""
+    index_path = cache_dir() / "gguf" / "index.json"
+    stat = path.stat()
+    key, stamp = str(path.resolve()), {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index = _read_index(index_path)
+    entry = index.get(key)
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and "sha256" in entry:
+        return entry["sha256"]
+    sha = file_sha256(path)
+    index[key] = {**stamp, "sha256": sha}
+    try:
+        write_json_atomic(index_path, index)
+    except OSError as e:
+        logger.warning("could not update the hash index %s: %s", index_path, e)
+    return sha
+
+
+def _read_index(path: Path) -> dict:
+    """The hash index, or an empty one if missing or unreadable (it is only a cache)."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _read_gguf(path: Path, from_pretrained):
+    """``from_pretrained`` (a model or tokenizer loader) on a GGUF file, with read errors made clear."""
+    try:
+        return from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except _GGUF_LOAD_ERRORS as e:
+        raise _gguf_error(path, e) from e
+
+
+def _gguf_error(path: Path, error: Exception) -> WeightwiseError:
+    """Tell a damaged GGUF file from one whose architecture transformers cannot load."""
+    damaged = WeightwiseError(
+        f"'{path}' is truncated or corrupt (not a readable GGUF file); re-create or re-download it"
+    )
+    if isinstance(error, OSError) and error.errno is None:  # transformers: metadata text is not UTF-8
+        return damaged
+    try:
+        reader = GGUFReader(path)
+    except _GGUF_PARSE_ERRORS:
+        return damaged
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[-1]).decode("utf-8", "replace") if field else "(none)"
+    reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:300]
+    return WeightwiseError(
+        f"'{path}' (GGUF architecture '{arch}') cannot be loaded by transformers {transformers.__version__}: "
+        f"{reason or type(error).__name__}; if the file is damaged re-create or re-download it, "
+        "otherwise use a supported architecture or convert the model to a Hugging Face folder"
+    )
+
+
+def _build_gguf_cache(path: Path, folder: Path) -> None:
+    """Dequantize ``path`` to fp32 and write it as a Hugging Face folder at ``folder``."""
+    logger.info("converting %s to fp32 safetensors in %s (once per file)", path, folder)
+    start = time.perf_counter()
+    dense = GgufConfig(dequantize=True)  # plain nn.Linear weights even where GGUF kernels are installed
+    read_model = partial(AutoModelForCausalLM.from_pretrained, quantization_config=dense, dtype=torch.float32)
+    model = _read_gguf(path, read_model)
+    tokenizer = _read_gguf(path, AutoTokenizer.from_pretrained)
+    _check_finite(model, path)
+    converted = time.perf_counter()
+    stat = path.stat()
+    try:
+        with atomic_output_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(
+                tmp / "source.json",
+                {"path": str(path.resolve()), "size": stat.st_size, "sha256": folder.name},
+            )
+    except OSError as e:
+        raise WeightwiseError(
+            f"cannot write the model cache '{folder}' ({e}); set WEIGHTWISE_CACHE to a writable folder"
+        ) from e
+    logger.info(
+        "GGUF read in %.1f s, cache written in %.1f s", converted - start, time.perf_counter() - converted
+    )
+
+
+# --- Hugging Face folders -----------------------------------------------------------------------
+
+
+def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype):
+    config = _read_json(folder / "config.json")
+    _check_architecture(config, folder / "config.json", trust_remote_code)
+    if (folder / "model.safetensors.index.json").is_file():
+        _read_json(folder / "model.safetensors.index.json")
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    use_pickle = not safetensors_files
+    if use_pickle:
+        _check_pickle_allowed(folder, allow_pickle)
+    for file in safetensors_files:
+        _check_safetensors(file)
+    kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    if use_pickle:
+        kwargs["use_safetensors"] = False  # transformers then uses torch.load(weights_only=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+    except _PICKLE_READ_ERRORS as e:
+        if not use_pickle:
+            raise
+        raise WeightwiseError(
+            f"the pickled weights in '{folder}' are truncated, corrupt or hold Python objects beyond tensors "
+            f"({type(e).__name__}); re-create or re-download them, ideally as safetensors"
+        ) from e
+    _check_mostly_loaded(model, info["missing_keys"], folder)
+    return model
+
+
+def _check_mostly_loaded(model: torch.nn.Module, missing_keys, folder: Path) -> None:
+    """Refuse a model most of whose weights (by element count) were not in the checkpoint."""
+    params = dict(model.named_parameters())
+    missing = [name for name in missing_keys if name in params]
+    if 2 * sum(params[name].numel() for name in missing) > sum(p.numel() for p in params.values()):
+        raise WeightwiseError(
+            f"'{folder}' lacks most weights of {type(model).__name__} ({len(missing)} of {len(params)} tensors); "
+            "its config.json does not match the weights: re-create the folder"
+        )
+
+
+def _check_pickle_allowed(folder: Path, allow_pickle: bool) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not pickles:
+        raise WeightwiseError(f"'{folder}' holds no model weights (*.safetensors); re-create or re-download it")
+    if not allow_pickle:
+        raise WeightwiseError(
+            f"'{folder}' holds only pickled weights ({', '.join(pickles)}), refused by default; "
+            "pass allow_pickle=True (--allow-pickle) if you trust their source, or convert them to safetensors"
+        )
+    if not any((folder / name).is_file() for name in _PICKLE_NAMES):
+        raise WeightwiseError(
+            f"'{folder}' has pickled weights ({', '.join(pickles)}) but no pytorch_model.bin, "
+            "the name transformers loads; rename the file or convert it to safetensors"
+        )
+
+
+def _check_safetensors(file: Path) -> None:
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise WeightwiseError(f"'{file}' is truncated or corrupt ({e}); re-create or re-download it") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightwiseError(
+            f"'{path}' not found; pass a folder written by save_pretrained, a .gguf file or a hub id"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightwiseError(
+            f"'{path}' is truncated or corrupt (invalid JSON: {e}); re-create or re-download it"
+        ) from None
+    if not isinstance(data, dict):
+        raise WeightwiseError(f"'{path}' is corrupt (not a JSON object); re-create or re-download it")
+    return data
+
+
+def _check_architecture(config: dict, config_path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model_type transformers does not know or cannot load as a causal LM."""
+    if trust_remote_code and "auto_map" in config:
+        return
+    model_type = config.get("model_type", "(none)")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise WeightwiseError(
+            f"architecture '{model_type}' in '{config_path}' is not known to transformers {transformers.__version__}; "
+            "upgrade transformers, or pass trust_remote_code=True if the folder ships its own model code"
+        )
+    if CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise WeightwiseError(
+            f"architecture '{model_type}' in '{config_path}' has no causal-LM class in transformers; "
+            "pass a causal language model"
+        )
+
+
+def _load_folder_tokenizer(folder: Path, *, trust_remote_code: bool):
+    present = [name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        logger.info("no tokenizer files in %s; tokenizer is None", folder)
+        return None
+    for name in present:
+        if name.endswith(".json"):
+            _read_json(folder / name)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+# --- checks and hashes --------------------------------------------------------------------------
+
+
+def _check_finite(model: torch.nn.Module, where: Path) -> None:
+    """Refuse NaN/Inf weights (a finite sum proves a tensor finite; the full check only runs if not)."""
+    for name, param in model.named_parameters():
+        values = param.detach()
+        if values.is_floating_point() and not torch.isfinite(values.sum()) and not torch.isfinite(values).all():
+            raise WeightwiseError(
+                f"weight '{name}' loaded from '{where}' has NaN/Inf values; "
+                "the checkpoint is damaged: re-create or re-download it"
+            )
+
+
+def _folder_weights_sha256(folder: Path) -> str:
+    """SHA-256 over the names and hashes of a folder's weight files (safetensors or pickles)."""
+    h = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.suffix in (".safetensors", *_PICKLE_SUFFIXES):
+            h.update(f"{file.name}\0{file_sha256(file)}\n".encode())
+    return h.hexdigest()
