@@ -1,6 +1,8 @@
 import copy
 import math
 
+import time
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.evaluate import EvalResult, evaluate, model_size, reference_outputs, token_windows
 from weightwise.evaluate.divergence import kl_divergence, kl_from_log_probs, top1_agreement
 from weightwise.evaluate.perplexity import window_nll
-from weightwise.evaluate.speed import forward_tokens_per_second
+from weightwise.evaluate.speed import ForwardTimer
 
 VOCAB = 128
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3
@@ -182,9 +184,14 @@ def test_model_size_counts_tied_weights_once():
     assert size["linear_params"] == 2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64)
 
 
-def test_forward_tokens_per_second(model):
-    speed = forward_tokens_per_second(model, torch.zeros(1, 16, dtype=torch.long), repeats=2)
-    assert speed["tokens"] == 16 and speed["repeats"] == 2
-    assert speed["tokens_per_second"] == pytest.approx(16 / speed["seconds"])
-    with pytest.raises(WeightwiseError, match="repeats"):
-        forward_tokens_per_second(model, torch.zeros(1, 4, dtype=torch.long), repeats=0)
+def test_forward_timer_and_evaluate_speed(model):
+    timer = ForwardTimer()
+    assert timer.tokens_per_second() is None
+    for seconds in (0.01, 0.03, 0.02):
+        with timer.measure(100):
+            time.sleep(seconds)
+    assert 100 / 0.03 < timer.tokens_per_second() < 100 / 0.01
+    result = evaluate(model, ByteTokenizer(), text=TEXT, reference=model, window=32, batch_size=1)
+    assert result.tokens_per_second > 0 and result.reference_tokens_per_second > 0
+    assert result.speed_ratio == pytest.approx(result.tokens_per_second / result.reference_tokens_per_second)
+

@@ -175,9 +175,6 @@ def eval_cmd(
             result = evaluate(model_obj, tokenizer, text=corpus_text, reference=ref_outputs, max_tokens=cfg.max_tokens,
                               window=cfg.window, batch_size=cfg.batch_size, measure_speed=cfg.measure_speed, progress=update)
         row = {"name": source, **result.model_dump()}
-        if ref_outputs is not None and ref_outputs.tokens_per_second and row["tokens_per_second"]:
-            row["reference_tokens_per_second"] = ref_outputs.tokens_per_second
-            row["speed_ratio"] = row["tokens_per_second"] / ref_outputs.tokens_per_second
         record = quantization_record(model_obj)
         if record:
             row.update(format=record["recipe"]["format"], recipe=record["recipe"], quantize_seconds=record["timings"]["quantize_seconds"])

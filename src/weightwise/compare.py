@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from weightwise.evaluate import evaluate, reference_outputs, token_windows
+from weightwise.evaluate import evaluate, reference_outputs, reference_result, token_windows
 from weightwise.evaluate.config import EvalConfig
 from weightwise.quantize.api import quantize
 from weightwise.quantize.recipe import QuantRecipe
@@ -43,18 +43,20 @@ def compare_recipes(
     The source's outputs are computed once and every quantized model is compared with them.
     """
     say = on_event or (lambda message: None)
-    windows = token_windows(tokenizer, config.load_text(), window=config.window, max_tokens=config.max_tokens)
+    text = config.load_text()
+    windows = token_windows(tokenizer, text, window=config.window, max_tokens=config.max_tokens)
     say(f"reference: {len(windows)} windows × {config.window} tokens")
-    reference = reference_outputs(model, windows, batch_size=config.batch_size)
+    started = time.perf_counter()
+    reference = reference_outputs(model, windows, batch_size=config.batch_size, measure_speed=config.measure_speed)
+    source = reference_result(model, reference, seconds=time.perf_counter() - started).model_dump()
     eval_kwargs = dict(
-        text=config.load_text(),
+        text=text,
         reference=reference,
         max_tokens=config.max_tokens,
         window=config.window,
         batch_size=config.batch_size,
         measure_speed=config.measure_speed,
     )
-    source = evaluate(model, tokenizer, **eval_kwargs).model_dump()
     rows = [{"name": source_name, "format": "fp32", **source}]
     say(f"{source_name}: ppl {source['ppl']:.3f}")
     for recipe in recipes:
@@ -63,9 +65,6 @@ def compare_recipes(
         qmodel = quantize(model, recipe)
         quantize_seconds = time.perf_counter() - started
         result = evaluate(qmodel, tokenizer, **eval_kwargs).model_dump()
-        if source["tokens_per_second"] and result["tokens_per_second"]:
-            result["reference_tokens_per_second"] = source["tokens_per_second"]
-            result["speed_ratio"] = result["tokens_per_second"] / source["tokens_per_second"]
         rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
                      "quantize_seconds": quantize_seconds, **result})
         say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")

@@ -19,7 +19,7 @@ from weightwise.evaluate.divergence import kl_from_log_probs
 from weightwise.evaluate.perplexity import log_probs, perplexity, target_nll, token_windows
 from weightwise.evaluate.report import load_metrics, write_report
 from weightwise.evaluate.size import model_size
-from weightwise.evaluate.speed import eval_mode, forward_logits, forward_tokens_per_second
+from weightwise.evaluate.speed import ForwardTimer, eval_mode, forward_logits
 
 __all__ = [
     "EvalResult",
@@ -28,6 +28,7 @@ __all__ = [
     "load_metrics",
     "model_size",
     "reference_outputs",
+    "reference_result",
     "token_windows",
     "write_report",
 ]
@@ -87,13 +88,14 @@ def reference_outputs(
     _check_batch_size(batch_size)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     fp16_min = torch.finfo(torch.float16).min
+    timer = ForwardTimer()
     with eval_mode(ref_model):
         for start in range(0, len(windows), batch_size):
-            lp, top1, nll = _reference_batch(ref_model, windows[start : start + batch_size])
+            lp, top1, nll = _reference_batch(ref_model, windows[start : start + batch_size], timer)
             parts.append((lp.clamp(min=fp16_min).half().cpu(), top1.cpu(), nll.cpu()))
             if progress is not None:
                 progress(min(start + batch_size, len(windows)), len(windows))
-    speed = forward_tokens_per_second(ref_model, windows[:1])["tokens_per_second"] if measure_speed else None
+    speed = timer.tokens_per_second() if measure_speed else None
     lps, top1s, nlls = zip(*parts)
     return ReferenceOutputs(
         windows=windows.clone(),
@@ -101,6 +103,28 @@ def reference_outputs(
         top1=torch.cat(top1s),
         nll=torch.cat(nlls),
         tokens_per_second=speed,
+    )
+
+
+def reference_result(ref_model: nn.Module, outputs: ReferenceOutputs, seconds: float = 0.0) -> EvalResult:
+    """The reference's own row (KL 0, agreement 1) from its stored outputs, without another forward pass."""
+    n_windows, window = outputs.windows.shape
+    mean_nll = outputs.nll.double().mean().item()
+    return EvalResult(
+        ppl=perplexity(mean_nll),
+        mean_nll=mean_nll,
+        n_tokens_scored=n_windows * (window - 1),
+        n_windows=n_windows,
+        window=window,
+        reference_ppl=perplexity(mean_nll),
+        kl_mean=0.0,
+        top1_agreement=1.0,
+        **{k: v for k, v in model_size(ref_model).items() if k != "linear_bits"},
+        tokens_per_second=outputs.tokens_per_second,
+        reference_tokens_per_second=outputs.tokens_per_second,
+        speed_ratio=1.0 if outputs.tokens_per_second else None,
+        eval_seconds=seconds,
+        python_version=platform.python_version(),
     )
 
 
@@ -134,17 +158,19 @@ def evaluate(
         )
     ref_model = reference if isinstance(reference, nn.Module) else None
     totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree"), 0.0)
+    timer, ref_timer = ForwardTimer(), ForwardTimer()
     with eval_mode(model), eval_mode(ref_model) if ref_model is not None else contextlib.nullcontext():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            logits = forward_logits(model, batch)[:, :-1]
+            with timer.measure(batch.numel()):
+                logits = forward_logits(model, batch)[:, :-1]
             top1 = logits.argmax(-1)
             lp = log_probs(logits)
             del logits
             totals["nll"] += target_nll(lp, batch[:, 1:].to(lp.device)).double().sum().item()
             if reference is not None:
                 ref_lp, ref_top1, ref_nll = (
-                    _reference_batch(ref_model, batch)
+                    _reference_batch(ref_model, batch, ref_timer)
                     if ref_model is not None
                     else _stored_batch(reference, start, batch_size)
                 )
@@ -161,7 +187,7 @@ def evaluate(
                 progress(min(start + batch_size, len(windows)), len(windows))
     n_scored = windows.shape[0] * (windows.shape[1] - 1)
     mean_nll = totals["nll"] / n_scored
-    speeds = _speeds(model, reference, windows[:1]) if measure_speed else {}
+    speeds = _speeds(timer, ref_timer, reference) if measure_speed else {}
     result = EvalResult(
         ppl=perplexity(mean_nll),
         mean_nll=mean_nll,
@@ -185,9 +211,12 @@ def _check_batch_size(batch_size: int) -> None:
         raise WeightwiseError(f"batch_size {batch_size} is not positive: pass at least 1 window per batch")
 
 
-def _reference_batch(ref_model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_batch(
+    ref_model: nn.Module, batch: torch.Tensor, timer: ForwardTimer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float32 log-probs, top-1 ids and NLL of the reference's scored predictions on ``batch``."""
-    logits = forward_logits(ref_model, batch)[:, :-1]
+    with timer.measure(batch.numel()):
+        logits = forward_logits(ref_model, batch)[:, :-1]
     lp = log_probs(logits)
     return lp, logits.argmax(-1), target_nll(lp, batch[:, 1:].to(lp.device))
 
@@ -198,14 +227,12 @@ def _stored_batch(ref: ReferenceOutputs, start: int, batch_size: int) -> tuple[t
     return log_probs(ref.log_probs[rows]), ref.top1[rows], ref.nll[rows]
 
 
-def _speeds(model: nn.Module, reference: nn.Module | ReferenceOutputs | None, probe: torch.Tensor) -> dict:
-    tps = forward_tokens_per_second(model, probe)["tokens_per_second"]
-    if isinstance(reference, nn.Module):
-        ref_tps = forward_tokens_per_second(reference, probe)["tokens_per_second"]
-    else:
-        ref_tps = reference.tokens_per_second if reference is not None else None
+def _speeds(timer: ForwardTimer, ref_timer: ForwardTimer, reference: nn.Module | ReferenceOutputs | None) -> dict:
+    """Throughput of the evaluation's own forward calls, beside the reference's from the same run."""
+    tps = timer.tokens_per_second()
+    ref_tps = reference.tokens_per_second if isinstance(reference, ReferenceOutputs) else ref_timer.tokens_per_second()
     return {
         "tokens_per_second": tps,
         "reference_tokens_per_second": ref_tps,
-        "speed_ratio": tps / ref_tps if ref_tps else None,
+        "speed_ratio": tps / ref_tps if tps and ref_tps else None,
     }

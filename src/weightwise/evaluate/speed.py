@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from weightwise.errors import WeightwiseError
 
 
 @contextlib.contextmanager
@@ -34,21 +33,20 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False).logits
 
 
-def forward_tokens_per_second(model: nn.Module, input_ids: torch.Tensor, repeats: int = 3) -> dict:
-    """Median wall time of a no-grad forward on ``input_ids`` after one warm-up call, and tokens/s."""
-    if repeats < 1:
-        raise WeightwiseError(f"repeats {repeats} is not positive: time at least one forward pass")
-    times = []
-    with eval_mode(model):
-        forward_logits(model, input_ids)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward_logits(model, input_ids)
-            times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {
-        "tokens": input_ids.numel(),
-        "repeats": repeats,
-        "seconds": seconds,
-        "tokens_per_second": input_ids.numel() / seconds,
-    }
+class ForwardTimer:
+    """Times the forward calls an evaluation makes anyway, so speed costs no extra passes.
+
+    Throughput is the median over calls of tokens / seconds (robust to a slow first call).
+    """
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    @contextlib.contextmanager
+    def measure(self, tokens: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.rates.append(tokens / max(time.perf_counter() - start, 1e-9))
+
+    def tokens_per_second(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
