@@ -19,6 +19,7 @@ import torch
 from weightwise.errors import WeightwiseError
 
 MANIFEST_NAME = "manifest.json"
+QUANTIZED_MODEL_KIND = "quantized-model"  # manifest kind of a folder written by weightwise.save for a quantized model
 MANIFEST_VERSION = 1
 _VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "gguf", "weightwise")
 

@@ -39,6 +39,7 @@ from transformers import (
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
+    QUANTIZED_MODEL_KIND,
     atomic_output_dir,
     cache_dir,
     file_sha256,
@@ -49,7 +50,6 @@ from weightwise.io.defaults import DEFAULT_MODEL_NAME, default_gguf_path
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_MODEL_KIND = "quantized-model"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")

@@ -17,13 +17,12 @@ from torch import nn
 
 from weightwise.errors import WeightwiseError
 from weightwise.formats.base import QuantSpec
-from weightwise.io.artifacts import atomic_output_dir, read_manifest, write_manifest
+from weightwise.io.artifacts import QUANTIZED_MODEL_KIND, atomic_output_dir, read_manifest, write_manifest
 from weightwise.quantize.api import RECORD_ATTRIBUTE, quantization_record
 from weightwise.quantize.qlinear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_KIND = "quantized-model"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -40,7 +39,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, metrics: dict | 
             tokenizer.save_pretrained(str(tmp))
         fields = dict(name=name or path.name, source=source, metrics=metrics or {})
         if record is not None:
-            write_manifest(tmp, QUANTIZED_KIND, **record, **fields)
+            write_manifest(tmp, QUANTIZED_MODEL_KIND, **record, **fields)
         else:
             write_manifest(tmp, "model", **fields)
     logger.info("saved %s", path)
@@ -53,7 +52,7 @@ def load_quantized(path: str | Path):
 
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest.get("kind") != QUANTIZED_KIND:
+    if manifest.get("kind") != QUANTIZED_MODEL_KIND:
         raise WeightwiseError(f"{path} is not a weightwise quantized model (manifest kind {manifest.get('kind')!r})")
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
