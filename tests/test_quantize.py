@@ -190,3 +190,37 @@ def test_anchor_int4_asym_g32_reproduces_the_q4_1_source(default_model):
         assert (diff <= bound).all(), name
         worst = max(worst, diff.max().item())
     assert worst < 1e-4
+
+
+def test_lorc_improves_layers_and_is_counted_in_the_size(tmp_path):
+    model = tiny_model()
+    plain = quantize(model, {"format": "int3", "group_size": 32})
+    compensated = quantize(model, {"format": "int3", "group_size": 32, "lorc_rank": 4,
+                                   "overrides": [{"pattern": "down_proj", "lorc_rank": 8}]})
+    p, c = quantization_record(plain)["layers"], quantization_record(compensated)["layers"]
+    for name in p:
+        assert c[name]["sqnr_db"] > p[name]["sqnr_db"]
+        rank = 8 if "down_proj" in name else 4
+        out_f, in_f = dict(model.named_modules())[name].weight.shape
+        assert c[name]["stored_bits"] - p[name]["stored_bits"] == 16 * rank * (out_f + in_f)
+        assert c[name]["lorc"] == {"rank": rank, "dtype": "fp16"}
+    assert model_size(compensated)["bits_per_weight"] > model_size(plain)["bits_per_weight"]
+    loaded, _ = load_quantized(save(compensated, tmp_path / "lorc"))
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, compensated(ids).logits)
+
+
+@pytest.mark.parametrize("mode", ["all", "ratio"])
+def test_pow2_scales_through_the_model(tmp_path, mode):
+    model = tiny_model()
+    qmodel = quantize(model, {"format": "int4", "group_size": 16, "pow2_scales": mode, "lorc_rank": 2, "lorc_dtype": "int8"})
+    layer = _qlinears(qmodel)["model.layers.0.self_attn.q_proj"]
+    if mode == "all":
+        exponents = torch.log2(layer.scales.float().abs())
+        assert torch.equal(exponents, exponents.round())
+    else:
+        assert layer.scales.shape == (64, 1) and layer.scale_shifts is not None
+    loaded, _ = load_quantized(save(qmodel, tmp_path / mode))
+    other = dict(loaded.named_modules())["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(layer.dequantized_weight(), other.dequantized_weight())

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.config import EvalConfig
+from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.recipe import QuantRecipe, recipe_from_yaml, validated, validation_message
 
 app = typer.Typer(
@@ -105,20 +106,27 @@ def quantize_cmd(
     targets: Annotated[Optional[list[str]], typer.Option("--targets", help=_R["targets"].description)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help=_R["ignore"].description)] = None,
     pad: Annotated[Optional[bool], typer.Option("--pad/--no-pad", help=_R["pad"].description)] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
-    """Quantize MODEL's linear layers by a recipe and save the result as a run folder."""
+    """Quantize MODEL's linear layers by a recipe and save the result as a run folder.
+
+    Calibrated methods (gptq) checkpoint every finished decoder block next to the output folder:
+    rerunning the same command after a kill resumes at the next unfinished block.
+    """
     from weightwise.io.models import model_source_info
     from weightwise.quantize.api import quantize
     from weightwise.quantize.serialize import save
 
     recipe = _build(QuantRecipe, config, _given(format=format, group_size=group_size, granularity=granularity,
-                                                scale_dtype=scale_dtype, method=method, targets=targets, ignore=ignore, pad=pad))
+                                                scale_dtype=scale_dtype, method=method, targets=targets, ignore=ignore, pad=pad,
+                                                calibration=CalibrationConfig.parse(calib).model_dump() if calib else None))
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
-    with _progress(f"quantizing ({recipe.method}, {recipe.format})") as update:
-        qmodel = quantize(model_obj, recipe, progress=update)
+    checkpoint = output.parent / f".{output.name}.partial"
+    with _progress(f"quantizing ({recipe.method.name}, {recipe.format})") as update:
+        qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update)
     from weightwise.evaluate.size import model_size
 
     size = model_size(qmodel)

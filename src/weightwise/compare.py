@@ -26,7 +26,7 @@ def describe(recipe: QuantRecipe) -> str:
     """Short label: format, granularity and method, e.g. 'int4 g64 rtn'."""
     spec = recipe.base_spec()
     where = f"g{spec.resolved_group_size}" if spec.granularity == "group" else f"per-{spec.granularity}"
-    return f"{recipe.format} {where} {recipe.method}"
+    return f"{recipe.format} {where} {recipe.method.name}"
 
 
 def compare_recipes(

@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Scaling = Literal["absmax", "signed_absmax", "minmax", "absmean", "mx"]
 ScaleDtype = Literal["fp32", "fp16", "bf16", "e8m0"]
 Granularity = Literal["tensor", "channel", "group"]
+Pow2Scales = Literal["none", "all", "ratio"]
 
 SCALE_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8}
+SHIFT_BITS = 4  # pow2_scales="ratio": bits of each group's shift k, so 0 ≤ k ≤ 2^SHIFT_BITS - 1
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,13 @@ class QuantSpec(BaseModel):
         description="Allow a group size that does not divide the row: the last group of each row is then "
         "shorter and its scale uses its real entries only. Without it such a group size is an error.",
     )
+    pow2_scales: Pow2Scales = Field(
+        "none",
+        description="Power-of-two scale constraint (ZeroQuant-FP): 'all' rounds every group scale up to a power "
+        "of two; 'ratio' keeps one real scale per row (its largest group scale) and gives each group that scale "
+        "times 2^-k, k = 0..15 stored in 4 bits, the smallest such scale that does not clip. Offsets of "
+        "asymmetric formats stay unconstrained. MX scales are powers of two already ('all' changes nothing).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
@@ -147,6 +156,11 @@ class QuantSpec(BaseModel):
             raise ValueError(f"{fmt.name} stores an offset per group, which e8m0 cannot hold: use fp16, bf16 or fp32")
         if self.granularity != "group" and self.group_size is not None:
             raise ValueError(f"group_size applies only to granularity 'group', not '{self.granularity}'")
+        if self.pow2_scales == "ratio":
+            if fmt.block_size is not None:
+                raise ValueError(f"{fmt.name} already shares one power-of-two scale per block: use pow2_scales 'none' or 'all'")
+            if self.granularity != "group":
+                raise ValueError("pow2_scales 'ratio' relates the group scales of a row: it needs granularity 'group'")
         return self
 
     @property
@@ -169,10 +183,15 @@ class QuantSpec(BaseModel):
 
 @dataclass
 class QuantizedTensor:
-    """A quantized 2-D weight: packed codes, per-group scales (and offsets), its shape and spec."""
+    """A quantized 2-D weight: packed codes, per-group scales (and offsets), its shape and spec.
+
+    With ``spec.pow2_scales == "ratio"`` the scale of group (r, j) is ``scales[r, 0] · 2^-k[r, j]``:
+    ``scales`` then holds one real scale per row and ``scale_shifts`` the shifts k.
+    """
 
     packed_codes: torch.Tensor  # uint8, codes of the real entries, row-major, bit-packed
-    scales: torch.Tensor  # (row groups, column groups) in the storage dtype (e8m0: uint8 exponent)
-    offsets: torch.Tensor | None  # same shape as scales, asymmetric formats only
+    scales: torch.Tensor  # (row groups, column groups) in the storage dtype (e8m0: uint8 exponent); ratio: (rows, 1)
+    offsets: torch.Tensor | None  # (row groups, column groups) in the storage dtype, asymmetric formats only
     shape: tuple[int, int]
     spec: QuantSpec
+    scale_shifts: torch.Tensor | None = None  # ratio only: uint8, the (rows, groups) shifts k bit-packed in SHIFT_BITS

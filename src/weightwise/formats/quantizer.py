@@ -4,19 +4,26 @@ A weight (rows, cols) is viewed as groups (R, G, g): per-tensor (1, 1, rows·col
 (rows, 1, cols) or per-group (rows, ceil(cols / g), g). Each group gets a scale (and, for
 asymmetric formats, an offset) rounded to the storage dtype *before* codes are chosen, so the codes
 are the nearest ones for the scales actually stored.
+
+Power-of-two scales (ZeroQuant-FP, arXiv 2307.09782) make the rescaling a shift: ``pow2_scales="all"``
+rounds each group scale up to a power of two; ``"ratio"`` keeps one real scale per row and stores
+each group's scale as that row scale times 2^-k (k in SHIFT_BITS bits).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from weightwise.errors import WeightwiseError
-from weightwise.formats.base import SCALE_BITS, NumberFormat, QuantizedTensor, QuantSpec
+from weightwise.formats.base import SHIFT_BITS, NumberFormat, QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes, packed_nbytes, unpack_codes
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = {**_TORCH_DTYPES, "e8m0": torch.uint8}  # torch dtype holding each scale dtype
+MAX_SHIFT = 2**SHIFT_BITS - 1
 
 
 def check_finite(w: torch.Tensor, name: str = "weight") -> None:
@@ -86,31 +93,92 @@ def _group_stats(x: torch.Tensor):
     return lo, hi, absx.amax(dim=-1), absx.sum(dim=-1) / valid.sum(dim=-1).clamp_min(1)
 
 
-def compute_scales(
-    groups: torch.Tensor, fmt: NumberFormat, scale_dtype: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stored (scale, offset) per group by the format's scaling rule; offset is None unless asymmetric."""
+def _raw_scales(groups: torch.Tensor, fmt: NumberFormat, signed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 (scale, group minimum) by the format's scaling rule, before any rounding; the minimum
+    is None unless asymmetric. An all-zero group gets scale 0. Without ``signed`` the
+    signed-absmax rule (largest entry on the negative end) falls back to never clipping: absmax / max."""
     lo, hi, absmax, absmean = _group_stats(groups.to(torch.float32))
-    offset = None
+    if fmt.scaling == "minmax":
+        return (hi - lo) / (fmt.max_value - fmt.min_value), lo
+    if fmt.scaling == "signed_absmax" and signed:
+        idx = torch.where(torch.isnan(groups), 0.0, groups.abs()).argmax(dim=-1, keepdim=True)
+        return torch.gather(torch.nan_to_num(groups.to(torch.float32)), -1, idx).squeeze(-1) / fmt.min_value, None
+    if fmt.scaling == "signed_absmax":
+        return absmax / fmt.max_value, None
+    if fmt.scaling == "absmean":
+        return absmean, None
+    return absmax / fmt.max_abs, None
+
+
+def pow2_ceil(s: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """sign(s) · the smallest power of two ≥ |s|, at least the dtype's smallest normal (s ≠ 0).
+
+    Rounding the magnitude up never shrinks the grid's range, so no entry clips that did not before.
+    """
+    mantissa, exp = torch.frexp(s)  # |s| = |mantissa| · 2^exp with |mantissa| in [0.5, 1)
+    exp = torch.where(mantissa.abs() == 0.5, exp - 1, exp)
+    lowest = -127 if scale_dtype == "e8m0" else math.log2(torch.finfo(_TORCH_DTYPES[scale_dtype]).smallest_normal)
+    return torch.sign(s) * torch.exp2(exp.to(torch.float32).clamp_min(lowest))
+
+
+def compute_scales(
+    groups: torch.Tensor, fmt: NumberFormat, scale_dtype: str, pow2_scales: Literal["none", "all"] = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored (scale, offset) per group by the format's scaling rule; offset is None unless asymmetric.
+
+    ``pow2_scales="all"`` rounds every scale up to a power of two (offsets stay unconstrained).
+    """
     if fmt.scaling == "mx":
+        absmax = _group_stats(groups.to(torch.float32))[2]
         exp = torch.floor(torch.log2(absmax.clamp_min(2.0**-127))) - fmt.emax
         scale = (exp.clamp(-127, 127) + 127).to(torch.uint8)
         return scale, None
-    if fmt.scaling == "minmax":
-        s = (hi - lo) / (fmt.max_value - fmt.min_value)
-        offset = encode_scale(lo - s * fmt.min_value, scale_dtype)
-    elif fmt.scaling == "signed_absmax":
-        if scale_dtype == "e8m0":  # a power-of-two scale cannot carry the sign: never clip instead
-            s = absmax / fmt.max_value
-        else:
-            idx = torch.where(torch.isnan(groups), 0.0, groups.abs()).argmax(dim=-1, keepdim=True)
-            s = torch.gather(torch.nan_to_num(groups.to(torch.float32)), -1, idx).squeeze(-1) / fmt.min_value
-    elif fmt.scaling == "absmean":
-        s = absmean
-    else:
-        s = absmax / fmt.max_abs
+    # a power-of-two (e8m0) scale cannot carry the sign: never clip instead
+    s, lo = _raw_scales(groups, fmt, signed=scale_dtype != "e8m0")
     s = torch.where(s == 0, torch.ones_like(s), s)
+    if pow2_scales == "all":
+        s = pow2_ceil(s, scale_dtype)
+    offset = None if lo is None else encode_scale(lo - s * fmt.min_value, scale_dtype)
     return encode_scale(s, scale_dtype), offset
+
+
+def compute_ratio_scales(
+    groups: torch.Tensor, fmt: NumberFormat, scale_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """pow2_scales="ratio": stored (row scale (R, 1), shifts k (R, G) uint8, offset or None).
+
+    The row scale is the row's largest group scale; each group gets the largest k ≤ MAX_SHIFT whose
+    scale row · 2^-k is still at least the group's own scale, so it clips no more than with its own
+    (one group per row has k = 0). Scales are positive: signed-absmax formats never clip instead.
+    """
+    s, lo = _raw_scales(groups, fmt, signed=False)
+    row_max = s.amax(dim=-1, keepdim=True)
+    row = encode_scale(torch.where(row_max == 0, torch.ones_like(row_max), row_max), scale_dtype)
+    row_f = decode_scale(row, scale_dtype)
+    k = torch.floor(torch.log2(row_f / s)).clamp(0, MAX_SHIFT)  # all-zero group: log2(inf) → MAX_SHIFT
+    # log2 of a quotient may round across an integer: settle k on exact products with powers of two
+    k = torch.where(row_f * torch.exp2(-k) < s, k - 1, k).clamp_min(0)
+    k = torch.where((k < MAX_SHIFT) & (row_f * torch.exp2(-k - 1) >= s), k + 1, k)
+    shifts = k.to(torch.uint8)
+    offset = None if lo is None else encode_scale(lo - ratio_group_scales(row, shifts, scale_dtype) * fmt.min_value, scale_dtype)
+    return row, shifts, offset
+
+
+def ratio_group_scales(row_scales: torch.Tensor, shifts: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """float32 group scales row · 2^-k from stored row scales (R, 1) and unpacked shifts (R, G)."""
+    return decode_scale(row_scales, scale_dtype) * torch.exp2(-shifts.to(torch.float32))
+
+
+def group_scales(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 scale of every group (R, G) of a quantized tensor, as stored."""
+    spec, dtype = qt.spec, qt.spec.resolved_scale_dtype
+    if spec.pow2_scales != "ratio":
+        return decode_scale(qt.scales, dtype)
+    if qt.scale_shifts is None:
+        raise WeightwiseError("a pow2_scales='ratio' tensor needs its scale_shifts; the stored weight is incomplete")
+    R, G, _ = group_layout(qt.shape, spec)
+    shifts = unpack_codes(qt.scale_shifts, SHIFT_BITS, R * G).reshape(R, G)
+    return ratio_group_scales(qt.scales, shifts, dtype)
 
 
 def to_codes(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, fmt: NumberFormat) -> torch.Tensor:
@@ -134,10 +202,16 @@ def quantize_tensor(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     check_finite(w, name)
     fmt, dtype = spec.number_format, spec.resolved_scale_dtype
     groups = to_groups(w.detach().to(torch.float32), spec)
-    scale, offset = compute_scales(groups, fmt, dtype)
-    codes = to_codes(groups, decode_scale(scale, dtype), None if offset is None else decode_scale(offset, dtype), fmt)
+    packed_shifts = None
+    if spec.pow2_scales == "ratio":
+        scale, shifts, offset = compute_ratio_scales(groups, fmt, dtype)
+        scale_f, packed_shifts = ratio_group_scales(scale, shifts, dtype), pack_codes(shifts, SHIFT_BITS)
+    else:
+        scale, offset = compute_scales(groups, fmt, dtype, spec.pow2_scales)
+        scale_f = decode_scale(scale, dtype)
+    codes = to_codes(groups, scale_f, None if offset is None else decode_scale(offset, dtype), fmt)
     codes = from_groups(codes, tuple(w.shape))
-    return QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, tuple(w.shape), spec)
+    return QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, tuple(w.shape), spec, packed_shifts)
 
 
 def unpacked_codes(qt: QuantizedTensor) -> torch.Tensor:
@@ -155,7 +229,7 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     R, G, _ = group_layout(qt.shape, spec)
     grouped = codes.reshape(R, G, -1)
     offset = None if qt.offsets is None else decode_scale(qt.offsets, dtype)
-    return from_groups(from_codes(grouped, decode_scale(qt.scales, dtype), offset, fmt), qt.shape)
+    return from_groups(from_codes(grouped, group_scales(qt), offset, fmt), qt.shape)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -163,9 +237,26 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(quantize_tensor(w, spec)).to(w.dtype)
 
 
-def storage_bits(shape: tuple[int, int], spec: QuantSpec) -> int:
-    """Exact stored bits of a quantized weight: packed codes plus scales (plus offsets)."""
-    fmt = spec.number_format
+def stored_layout(shape: tuple[int, int], spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor a :class:`QuantizedTensor` of ``shape`` holds, by field name.
+
+    packed_codes; scales (R, G), or under pow2_scales="ratio" one per row (R, 1); offsets (R, G) for
+    asymmetric formats; scale_shifts under "ratio" (the R·G shifts bit-packed in SHIFT_BITS bits).
+    """
+    fmt, dtype = spec.number_format, STORAGE_DTYPES[spec.resolved_scale_dtype]
     R, G, _ = group_layout(shape, spec)
-    per_group = SCALE_BITS[spec.resolved_scale_dtype] * (2 if fmt.asymmetric else 1)
-    return 8 * packed_nbytes(shape[0] * shape[1], fmt.bits) + R * G * per_group
+    ratio = spec.pow2_scales == "ratio"
+    layout = {
+        "packed_codes": ((packed_nbytes(shape[0] * shape[1], fmt.bits),), torch.uint8),
+        "scales": ((R, 1) if ratio else (R, G), dtype),
+    }
+    if fmt.asymmetric:
+        layout["offsets"] = ((R, G), dtype)
+    if ratio:
+        layout["scale_shifts"] = ((packed_nbytes(R * G, SHIFT_BITS),), torch.uint8)
+    return layout
+
+
+def storage_bits(shape: tuple[int, int], spec: QuantSpec) -> int:
+    """Exact stored bits of a quantized weight: the bytes of every tensor in :func:`stored_layout`."""
+    return sum(8 * math.prod(size) * dtype.itemsize for size, dtype in stored_layout(shape, spec).values())

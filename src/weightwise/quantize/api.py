@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +15,12 @@ from torch import nn
 
 from weightwise.architectures import family_of, matches
 from weightwise.errors import WeightwiseError
-from weightwise.formats.quantizer import check_finite, group_layout
+from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
-from weightwise.quantize.methods import METHODS
+from weightwise.quantize.calibration import calibration_tokens, layer_sequential
+from weightwise.quantize.checkpoint import BlockCheckpoint
+from weightwise.quantize.lowrank import low_rank_compensation
+from weightwise.quantize.methods import run_method
 from weightwise.quantize.qlinear import QuantizedLinear
 from weightwise.quantize.recipe import QuantRecipe, validated
 
@@ -52,52 +56,122 @@ def quantize(
     model: nn.Module,
     recipe: QuantRecipe | dict | str | Path,
     *,
-    calibration=None,
+    tokenizer=None,
+    calibration: torch.Tensor | str | list[str] | None = None,
+    checkpoint_dir: str | Path | None = None,
     inplace: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s target layers; returns a new model unless ``inplace``.
 
-    ``recipe`` may be a QuantRecipe, a dict of its fields, or a YAML path. ``progress(done, total, name)``
-    is called after each layer. The returned model carries a record (recipe, per-layer spec and SQNR,
-    source fingerprint, timings) that :func:`weightwise.save` writes to the manifest.
+    ``recipe`` may be a QuantRecipe, a dict of its fields, or a YAML path. Calibrated methods (gptq)
+    use ``calibration`` — token ids (samples, seq_len), a text, or a list of documents (with
+    ``tokenizer``) — or else the recipe's calibration config (needs ``tokenizer``). With
+    ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block.
+    ``progress(done, total, name)`` is called after each layer. The returned model carries a record
+    (recipe, per-layer spec, SQNR and diagnostics, source fingerprint, timings) that
+    :func:`weightwise.save` writes to the manifest.
     """
     recipe = _as_recipe(recipe)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise WeightwiseError("the model is already quantized; quantize its float source instead")
     start = time.perf_counter()
     source_fingerprint = state_dict_fingerprint(model)
-    targets = target_layers(model, recipe)
-    plan = _plan(targets, recipe)
+    plan = _plan(target_layers(model, recipe), recipe)
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
-    method = METHODS[recipe.method]
     layers: dict[str, dict] = {}
-    for done, (name, spec) in enumerate(plan.items(), start=1):
-        linear = modules[name]
-        weight = linear.weight.detach().to(torch.float32)
-        qt = method(weight, spec, None)
-        qlinear = QuantizedLinear.from_quantized(qt, linear.bias)
-        sqnr = weight_sqnr_db(weight, qlinear.dequantized_weight())
+
+    def install(name: str, qlinear: QuantizedLinear, record: dict) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, qlinear)
-        layers[name] = {"spec": spec.model_dump(exclude_none=True), "sqnr_db": sqnr, "stored_bits": qlinear.stored_bits()}
+        modules[name] = qlinear
+        layers[name] = record
         if progress:
-            progress(done, len(plan), name)
+            progress(len(layers), len(plan), name)
+
+    def quantize_layer(name: str, stats: dict | None) -> QuantizedLinear:
+        weight = modules[name].weight.detach().to(torch.float32)
+        spec, rank = plan[name], recipe.lorc_rank_for(name)
+        qt, diagnostics = run_method(recipe.method, weight, spec, stats)
+        factors = None
+        if rank:
+            factors = low_rank_compensation(weight - dequantize(qt), rank, recipe.lorc_dtype)
+        qlinear = QuantizedLinear.from_quantized(qt, modules[name].bias, factors, recipe.lorc_dtype)
+        record = {"spec": spec.model_dump(exclude_none=True), "stored_bits": qlinear.stored_bits(),
+                  "sqnr_db": weight_sqnr_db(weight, qlinear.dequantized_weight())}
+        if factors is not None:
+            record["lorc"] = {"rank": rank, "dtype": recipe.lorc_dtype}
+        if diagnostics:
+            record["diagnostics"] = diagnostics
+        install(name, qlinear, record)
+        return qlinear
+
+    calibration_info = None
+    if type(recipe.method).needs_calibration:
+        calibration_info = _calibrated(model, recipe, plan, modules, layers, quantize_layer, install,
+                                       tokenizer, calibration, checkpoint_dir, source_fingerprint)
+    else:
+        for name in plan:
+            quantize_layer(name, None)
     elapsed = time.perf_counter() - start
-    logger.info("quantized %d layers with %s/%s in %.1f s", len(layers), recipe.method, recipe.format, elapsed)
-    setattr(
-        model,
-        RECORD_ATTRIBUTE,
-        {
-            "recipe": recipe.model_dump(mode="json"),
-            "layers": layers,
-            "source_fingerprint": source_fingerprint,
-            "timings": {"quantize_seconds": elapsed},
-        },
-    )
+    logger.info("quantized %d layers with %s/%s in %.1f s", len(layers), recipe.method.name, recipe.format, elapsed)
+    record = {"recipe": recipe.model_dump(mode="json"), "layers": layers, "source_fingerprint": source_fingerprint,
+              "timings": {"quantize_seconds": elapsed}}
+    if calibration_info:
+        record["calibration"] = calibration_info
+    setattr(model, RECORD_ATTRIBUTE, record)
     return model
+
+
+def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokenizer, calibration, checkpoint_dir, fingerprint) -> dict:
+    """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint_dir``."""
+    family = family_of(getattr(model.config, "model_type", "unknown"))
+    blocks = [(name, module) for name, module in model.named_modules() if re.search(family.blocks, name)]
+    by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
+    outside = set(plan) - {t for targets in by_block.values() for t in targets}
+    if outside:
+        raise WeightwiseError(f"{recipe.method.name} calibrates decoder blocks only; {sorted(outside)[0]} is outside them: "
+                              "quantize it with rtn in a separate recipe or add it to --ignore")
+    tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
+    checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), fingerprint, tokens) if checkpoint_dir else None
+    start_block = 0
+    if checkpoint is not None:
+        start_block, records, saved = checkpoint.load(modules)
+        for name, qlinear in saved.items():
+            install(name, qlinear, records[name])
+
+    def quantize_block(index: int, block_name: str, stats: dict[str, dict]) -> None:
+        done = {name: quantize_layer(name, stats[name]) for name in by_block[block_name]}
+        if checkpoint is not None:
+            checkpoint.save_block(index, done, {name: layers[name] for name in done})
+
+    layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block)
+    if checkpoint is not None:
+        checkpoint.clear()
+    return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
+
+
+def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> torch.Tensor:
+    """Token ids (samples, seq_len) from explicit ``calibration`` or the recipe's calibration config."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.ndim != 2 or calibration.dtype != torch.long:
+            raise WeightwiseError("calibration token ids must be a 2-D LongTensor (samples, seq_len)")
+        return calibration
+    if tokenizer is None:
+        raise WeightwiseError(f"{recipe.method.name} needs calibration data: pass tokenizer= (or calibration token ids)")
+    if calibration is None:
+        return calibration_tokens(recipe.calibration, tokenizer, model)
+    from weightwise.data.corpora import join_documents
+
+    text = calibration if isinstance(calibration, str) else join_documents(calibration)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    seq_len = recipe.calibration.seq_len
+    n = min(recipe.calibration.samples, ids.numel() // seq_len)
+    if n == 0:
+        raise WeightwiseError(f"the calibration text has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def quantization_record(model: nn.Module) -> dict | None:

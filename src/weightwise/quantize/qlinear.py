@@ -1,59 +1,91 @@
 """QuantizedLinear: a drop-in nn.Module that stores packed codes and scales and dequantizes in forward.
 
 Only the packed form is kept in memory, so a quantized model's weight bytes really shrink; the cost
-is one dequantization per forward call.
+is one dequantization per forward call. Optional low-rank compensation factors (LoRC) are added to
+the dequantized weight.
 """
 
 from __future__ import annotations
+
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from weightwise.formats.base import QuantizedTensor, QuantSpec
-from weightwise.formats.packing import packed_nbytes
-from weightwise.formats.quantizer import dequantize, group_layout, storage_bits
+from weightwise.formats.quantizer import dequantize, stored_layout
+from weightwise.quantize.lowrank import FactorDtype, LowRankFactors
 
-_STORAGE_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e8m0": torch.uint8}
+_TENSOR_FIELDS = tuple(f.name for f in fields(QuantizedTensor) if f.name not in ("shape", "spec"))
+
+
+def _lowrank_layout(out_features: int, in_features: int, rank: int, dtype: FactorDtype) -> dict:
+    """(shape, dtype) of the stored LoRC tensors, by LowRankFactors field."""
+    if dtype == "fp16":
+        return {"a": ((out_features, rank), torch.float16), "b": ((rank, in_features), torch.float16)}
+    return {"a": ((out_features, rank), torch.int8), "b": ((rank, in_features), torch.int8),
+            "a_scales": ((out_features,), torch.float16), "b_scales": ((rank,), torch.float16)}
 
 
 class QuantizedLinear(nn.Module):
-    """y = x · dequant(codes, scales[, offsets])ᵀ + bias."""
+    """y = x · (dequant(codes, scales[, offsets]) [+ A·B])ᵀ + bias."""
 
-    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False, device=None):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
+                 lowrank: tuple[int, FactorDtype] | None = None, device=None):
         super().__init__()
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        shape = (out_features, in_features)
-        R, G, _ = group_layout(shape, spec)
-        nbytes = packed_nbytes(out_features * in_features, spec.number_format.bits)
-        scale_dtype = _STORAGE_TORCH_DTYPES[spec.resolved_scale_dtype]
-        self.register_buffer("packed_codes", torch.zeros(nbytes, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(R, G, dtype=scale_dtype, device=device))
-        offsets = torch.zeros(R, G, dtype=scale_dtype, device=device) if spec.number_format.asymmetric else None
-        self.register_buffer("offsets", offsets)
+        self.in_features, self.out_features, self.spec, self.lowrank = in_features, out_features, spec, lowrank
+        for name in _TENSOR_FIELDS:
+            self.register_buffer(name, None)
+        for name, (size, dtype) in stored_layout((out_features, in_features), spec).items():
+            self.register_buffer(name, torch.zeros(size, dtype=dtype, device=device))
+        if lowrank is not None:
+            for name, (size, dtype) in _lowrank_layout(out_features, in_features, *lowrank).items():
+                self.register_buffer(f"lowrank_{name}", torch.zeros(size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> "QuantizedLinear":
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                       factors: LowRankFactors | None = None, factor_dtype: FactorDtype = "fp16") -> "QuantizedLinear":
         out_features, in_features = qt.shape
-        module = cls(in_features, out_features, qt.spec, bias=bias is not None, device=qt.packed_codes.device)
-        module.packed_codes.copy_(qt.packed_codes)
-        module.scales.copy_(qt.scales)
-        if qt.offsets is not None:
-            module.offsets.copy_(qt.offsets)
+        lowrank = None if factors is None else (factors.rank, factor_dtype)
+        module = cls(in_features, out_features, qt.spec, bias=bias is not None, lowrank=lowrank, device=qt.packed_codes.device)
+        for name in _TENSOR_FIELDS:
+            value = getattr(qt, name)
+            if value is not None:
+                getattr(module, name).copy_(value)
+        if factors is not None:
+            for name in _lowrank_layout(out_features, in_features, *lowrank):
+                getattr(module, f"lowrank_{name}").copy_(getattr(factors, name))
         if bias is not None:
             module.bias.data.copy_(bias.detach().to(torch.float32))
         return module
 
+    @classmethod
+    def empty_like(cls, linear: nn.Linear, record: dict) -> "QuantizedLinear":
+        """An unfilled module for ``linear`` shaped by its manifest ``record`` (spec, optional lorc), for loading."""
+        lorc = record.get("lorc")
+        return cls(linear.in_features, linear.out_features, QuantSpec(**record["spec"]), bias=linear.bias is not None,
+                   lowrank=None if lorc is None else (lorc["rank"], lorc["dtype"]))
+
     def quantized_tensor(self) -> QuantizedTensor:
-        return QuantizedTensor(self.packed_codes, self.scales, self.offsets, (self.out_features, self.in_features), self.spec)
+        tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
+        return QuantizedTensor(shape=(self.out_features, self.in_features), spec=self.spec, **tensors)
+
+    def lowrank_factors(self) -> LowRankFactors | None:
+        if self.lowrank is None:
+            return None
+        names = _lowrank_layout(self.out_features, self.in_features, *self.lowrank)
+        return LowRankFactors(**{name: getattr(self, f"lowrank_{name}") for name in names})
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.quantized_tensor())
+        weight = dequantize(self.quantized_tensor())
+        factors = self.lowrank_factors()
+        return weight if factors is None else weight + factors.delta()
 
     def stored_bits(self) -> int:
-        """Bits of the stored weight (codes + scales + offsets), excluding the bias."""
-        return storage_bits((self.out_features, self.in_features), self.spec)
+        """Bits of every stored weight tensor (codes, scales, offsets, shifts, low-rank factors), not the bias."""
+        return sum(8 * t.numel() * t.element_size() for t in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -62,4 +94,5 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         where = f"g{s.resolved_group_size}" if s.granularity == "group" else s.granularity
-        return f"in={self.in_features}, out={self.out_features}, format={s.format}, {where}, scales={s.resolved_scale_dtype}"
+        extra = f", lorc rank {self.lowrank[0]} {self.lowrank[1]}" if self.lowrank else ""
+        return f"in={self.in_features}, out={self.out_features}, format={s.format}, {where}, scales={s.resolved_scale_dtype}{extra}"

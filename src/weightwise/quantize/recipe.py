@@ -9,8 +9,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightwise.errors import WeightwiseError
-from weightwise.formats.base import Granularity, QuantSpec, ScaleDtype
+from weightwise.formats.base import Granularity, Pow2Scales, QuantSpec, ScaleDtype
 from weightwise.formats.registry import get_format
+from weightwise.quantize.calibration import CalibrationConfig
+from weightwise.quantize.lowrank import FactorDtype
+from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
 
 RECIPE_VERSION = 1
 
@@ -27,6 +30,8 @@ class LayerOverride(BaseModel):
     group_size: int | None = None
     scale_dtype: ScaleDtype | None = None
     pad: bool | None = None
+    pow2_scales: Pow2Scales | None = None
+    lorc_rank: int | None = Field(None, ge=0, description="LoRC rank for the matching layers (0 = off).")
 
     @field_validator("pattern")
     @classmethod
@@ -45,7 +50,17 @@ class QuantRecipe(BaseModel):
     group_size: int | None = Field(None, description=QuantSpec.model_fields["group_size"].description)
     scale_dtype: ScaleDtype | None = Field(None, description=QuantSpec.model_fields["scale_dtype"].description)
     pad: bool = Field(False, description=QuantSpec.model_fields["pad"].description)
-    method: str = Field("rtn", description="Quantization method (see `weightwise quantize --help`): rtn.")
+    pow2_scales: Pow2Scales = Field("none", description=QuantSpec.model_fields["pow2_scales"].description)
+    lorc_rank: int = Field(0, ge=0, description="Rank r of the low-rank compensation (LoRC) of each layer's quantization "
+                           "error, stored as two factors (out×r, r×in) and counted in the size; 0 = off.")
+    lorc_dtype: FactorDtype = Field("fp16", description="Storage of the LoRC factors: fp16, or int8 with fp16 per-row scales.")
+    method: MethodConfig = Field(
+        default_factory=RTNConfig,
+        description="Quantization method: rtn or gptq (a name, or a mapping with `name` and the method's options).",
+    )
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="Calibration data for methods that need it (gptq)."
+    )
     targets: list[str] | None = Field(
         None,
         description="Regexes of Linear module names to quantize. Default: every Linear of the decoder blocks "
@@ -59,14 +74,14 @@ class QuantRecipe(BaseModel):
     def _valid_regexes(cls, value):
         return value if value is None else [_check_regex(p) for p in value]
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        from weightwise.quantize.methods import METHODS
-
-        if value not in METHODS:
-            raise ValueError(f"unknown method '{value}' (known: {', '.join(sorted(METHODS))})")
-        return value
+    def _known_method(cls, value):
+        fields = {"name": value} if isinstance(value, str) else value
+        name = fields.get("name", "rtn") if isinstance(fields, dict) else getattr(fields, "name", None)
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
+        return fields
 
     @model_validator(mode="after")
     def _specs_valid(self) -> "QuantRecipe":
@@ -85,11 +100,12 @@ class QuantRecipe(BaseModel):
             group_size=self.group_size,
             scale_dtype=self.scale_dtype,
             pad=self.pad,
+            pow2_scales=self.pow2_scales,
         )
 
     def _merge(self, override: LayerOverride) -> QuantSpec:
         fields = self.base_spec().model_dump()
-        changed = override.model_dump(exclude={"pattern", "skip"}, exclude_none=True)
+        changed = override.model_dump(exclude={"pattern", "skip", "lorc_rank"}, exclude_none=True)
         if "granularity" in changed:
             fields["group_size"] = None
         if "format" in changed:  # keep the base's grouping and scale dtype unless the new format fixes them
@@ -107,6 +123,13 @@ class QuantRecipe(BaseModel):
             if re.search(override.pattern, name):
                 return None if override.skip else self._merge(override)
         return self.base_spec()
+
+    def lorc_rank_for(self, name: str) -> int:
+        """The LoRC rank of module ``name``: the first matching override's, else the recipe's."""
+        for override in self.overrides:
+            if re.search(override.pattern, name):
+                return self.lorc_rank if override.lorc_rank is None else override.lorc_rank
+        return self.lorc_rank
 
     @classmethod
     def from_yaml(cls, path: str | Path, **updates) -> "QuantRecipe":

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from weightwise.errors import WeightwiseError
-from weightwise.formats.base import QuantSpec
 from weightwise.io.artifacts import QUANTIZED_MODEL_KIND, atomic_output_dir, read_manifest, write_manifest
 from weightwise.quantize.api import RECORD_ATTRIBUTE, quantization_record
 from weightwise.quantize.qlinear import QuantizedLinear
@@ -64,8 +63,7 @@ def load_quantized(path: str | Path):
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise WeightwiseError(f"{path}: manifest names layer {name}, which the model config does not have")
-        spec = QuantSpec(**layer["spec"])
-        qlinear = QuantizedLinear(linear.in_features, linear.out_features, spec, bias=linear.bias is not None)
+        qlinear = QuantizedLinear.empty_like(linear, layer)
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, qlinear)
     try:

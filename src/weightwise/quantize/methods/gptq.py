@@ -1,0 +1,147 @@
+"""GPTQ (Frantar et al. 2022, arXiv 2210.17323) as pure tensor math, for any registered format.
+
+Columns of a weight are quantized one at a time; each column's rounding error is spread onto the
+columns not yet quantized through the inverse Hessian of the layer's inputs (H = XᵀX / n), so that
+the layer's *outputs* stay close rather than its weights. Every column is rounded with the same
+scale/offset/code helpers as round-to-nearest, so any number format and granularity works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightwise.errors import WeightwiseError
+from weightwise.formats.base import QuantizedTensor, QuantSpec
+from weightwise.formats.packing import pack_codes
+from weightwise.formats.quantizer import (
+    check_finite,
+    compute_scales,
+    decode_scale,
+    from_codes,
+    group_layout,
+    to_codes,
+    to_groups,
+)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """trace((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error GPTQ minimises.
+
+    With H = XᵀX / n this is the summed squared error of ``X @ Wᵀ`` per calibration input.
+    """
+    e = (weight - approx).to(torch.float64)
+    return float(((e @ hessian.to(torch.float64)) * e).sum())
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, damp growing 10× per failed attempt.
+
+    Returns (factor, damp used, retries). A factor is refused when either Cholesky reports a
+    non-positive pivot or yields non-finite entries.
+    """
+    mean_diag = h.diagonal().mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for retry in range(max_retries + 1):
+        d = damp * 10**retry
+        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if info == 0 and torch.isfinite(lower).all():
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper, d, retry
+    raise WeightwiseError(
+        f"GPTQ: the Hessian is not positive definite even with dampening {damp * 10**max_retries:g}·mean(diag) "
+        f"after {max_retries} retries; check the calibration statistics (enough tokens, no NaN) or raise damp"
+    )
+
+
+def gptq(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    hessian: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    max_damp_retries: int = 6,
+) -> tuple[QuantizedTensor, dict]:
+    """Quantize ``weight`` (out, in) to ``spec`` with GPTQ under ``hessian`` (in, in) = XᵀX / n.
+
+    - Dead inputs (diag(H) == 0) get diag 1 and a zeroed weight column; ``damp``·mean(diag H) is
+      added to the diagonal and multiplied by 10 (at most ``max_damp_retries`` times) while the
+      Cholesky factor of H⁻¹ fails; then a :class:`WeightwiseError` is raised.
+    - Scales: ``static_groups`` computes every group's scale/offset from the weight up front,
+      exactly as RTN does; otherwise each group's are refitted from the error-updated columns when
+      the loop reaches the group's first column. Per-tensor and per-channel scales are always
+      computed up front. Columns are rounded with the *stored* scales, so ``dequantize`` of the
+      result is the GPTQ reconstruction.
+    - ``act_order`` processes columns by decreasing diag(H) (most-informed inputs first); with
+      group granularity it always uses static group scales, so each scale still belongs to its
+      contiguous group of original columns. Codes and scales are returned in the original order.
+    - Error updates are applied lazily, ``block_size`` columns at a time.
+
+    Returns the quantized tensor and diagnostics ``{"damp", "retries", "proxy_loss"}``;
+    ``proxy_loss`` is the sum of GPTQ's per-column losses (w − q)² / [H_F⁻¹]_qq, which equals
+    ``output_error`` under the dampened Hessian (with dead columns zeroed).
+    """
+    if weight.ndim != 2:
+        raise WeightwiseError(f"GPTQ: only 2-D weights can be quantized, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if block_size < 1:
+        raise WeightwiseError(f"GPTQ: block_size must be a positive integer, got {block_size}")
+    if hessian.shape != (cols, cols):
+        raise WeightwiseError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match {cols} input features")
+    check_finite(weight)
+    check_finite(hessian, "hessian")
+    fmt, dtype = spec.number_format, spec.resolved_scale_dtype
+    w = weight.detach().to(torch.float32).clone()
+    scale, offset = compute_scales(to_groups(w, spec), fmt, dtype)
+    _, _, g = group_layout((rows, cols), spec)
+    grouped = spec.granularity == "group"
+    group_of = torch.arange(cols, device=w.device) // (g if grouped else cols)  # column → its scale's column
+    refit = grouped and not static_groups and not act_order
+
+    h = hessian.detach().to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1
+    w[:, dead] = 0
+    perm = torch.arange(cols, device=w.device)
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    u, damp, retries = _inverse_cholesky(h[perm][:, perm], damp, max_damp_retries)
+    u = u.to(torch.float32)
+
+    # Transposed layout: row j of wt is the j-th column processed, so each column read is contiguous.
+    wt = w[:, perm].T.contiguous()
+    group_of = group_of[perm]
+    scale_t = decode_scale(scale, dtype)[:, group_of].T.contiguous()  # (cols, R), R = 1 for per-tensor
+    offset_t = None if offset is None else decode_scale(offset, dtype)[:, group_of].T.contiguous()
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    # When refitting, every group starts a block, so its columns have received all earlier updates.
+    starts = sorted(set(range(0, cols, block_size)) | (set(range(0, cols, g)) if refit else set()))
+    for b0, b1 in zip(starts, starts[1:] + [cols]):
+        if refit and b0 % g == 0:
+            gs, go = compute_scales(wt[b0 : b0 + g].T.unsqueeze(1), fmt, dtype)
+            scale[:, b0 // g] = gs[:, 0]
+            scale_t[b0 : b0 + g] = decode_scale(gs[:, 0], dtype)
+            if go is not None:
+                offset[:, b0 // g] = go[:, 0]
+                offset_t[b0 : b0 + g] = decode_scale(go[:, 0], dtype)
+        block, ub = wt[b0:b1], u[b0:b1, b0:b1]
+        err = torch.empty_like(block)
+        for k in range(b1 - b0):
+            j = b0 + k
+            # Left-looking: apply this block's earlier errors to column k only when it is reached
+            # (one matrix-vector product instead of a rank-1 update of the whole rest of the block).
+            col = (block[k] - err[:k].T @ ub[:k, k]).unsqueeze(1)
+            s, o = scale_t[j], None if offset_t is None else offset_t[j]
+            c = to_codes(col, s, o, fmt)
+            codes_t[j] = c[:, 0]
+            err[k] = (col - from_codes(c, s, o, fmt))[:, 0] / ub[k, k]
+        wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
+        loss += err.square().sum()
+
+    codes = codes_t.T[:, torch.argsort(perm)]
+    qt = QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, (rows, cols), spec)
+    return qt, {"damp": damp, "retries": retries, "proxy_loss": float(loss)}

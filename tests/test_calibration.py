@@ -1,0 +1,115 @@
+"""Layer-sequential calibration engine on tiny models: capture, statistics, sequencing, data."""
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from weightwise.errors import WeightwiseError
+from weightwise.formats import QuantSpec, quantize_tensor
+from weightwise.quantize.calibration import (
+    CalibrationConfig,
+    calibration_tokens,
+    capture_block_inputs,
+    collect_stats,
+    layer_sequential,
+    run_block,
+)
+from weightwise.quantize.qlinear import QuantizedLinear
+
+
+def _tokens(n=6, length=16, seed=0):
+    return torch.randint(1, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_parse_calibration_spec():
+    assert CalibrationConfig.parse("pydoc:128x512") == CalibrationConfig(source="pydoc", samples=128, seq_len=512)
+    assert CalibrationConfig.parse("data.jsonl").source == "data.jsonl"
+    with pytest.raises(WeightwiseError, match="SAMPLESxTOKENS"):
+        CalibrationConfig.parse("pydoc:12y3")
+
+
+def test_calibration_tokens_from_text(tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("abcdefghij" * 50)
+    config = CalibrationConfig(source=str(text), samples=5, seq_len=40, seed=3)
+    tokens = calibration_tokens(config, tiny_tokenizer())
+    assert tokens.shape == (5, 40) and tokens.dtype == torch.long
+    assert torch.equal(tokens, calibration_tokens(config, tiny_tokenizer()))
+    with pytest.raises(WeightwiseError, match="fewer than the 50 asked for"):
+        calibration_tokens(config.model_copy(update={"samples": 50}), tiny_tokenizer())
+
+
+def test_pydoc_calibration_uses_the_calib_split():
+    tok = tiny_tokenizer()
+    tokens = calibration_tokens(CalibrationConfig(samples=4, seq_len=64), tok)
+    assert tokens.shape == (4, 64)
+
+
+def test_data_free_calibration_samples_from_the_model():
+    model = tiny_model()
+    tok = tiny_tokenizer()
+    tok.bos_token = tok.unk_token
+    tokens = calibration_tokens(CalibrationConfig(source="self", samples=3, seq_len=8, batch_size=2), tok, model)
+    assert tokens.shape == (3, 8)
+
+
+def test_blocks_rerun_from_captured_inputs_reproduce_the_model():
+    model = tiny_model()
+    tokens = _tokens()
+    blocks = list(model.model.layers)
+    inputs = capture_block_inputs(model, blocks[0], tokens, batch_size=4)
+    assert [h.shape[0] for h, _ in inputs] == [4, 2]
+    for block in blocks:
+        inputs = run_block(block, inputs)
+    with torch.no_grad():
+        expected = model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+    ours = model.model.norm(torch.cat([h for h, _ in inputs]))
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_stats_are_token_normalized_input_hessians():
+    model = tiny_model()
+    tokens = _tokens()
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, tokens, batch_size=3)
+    linears = {"q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "down": block.mlp.down_proj}
+    stats = collect_stats(block, linears, inputs)
+    seen = {}
+    handle = block.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            block(hidden, **kwargs)
+    handle.remove()
+    x = torch.cat(seen["x"])
+    assert stats["down"]["tokens"] == tokens.numel()
+    assert torch.allclose(stats["down"]["hessian"], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats["down"]["act_abs_mean"], x.abs().mean(0), rtol=1e-5)
+    assert torch.equal(stats["q"]["hessian"], stats["k"]["hessian"])  # shared input, computed once
+
+
+def test_next_block_is_calibrated_on_quantized_outputs():
+    model = tiny_model()
+    tokens = _tokens()
+    float_model = tiny_model()
+    blocks = [(f"model.layers.{i}", b) for i, b in enumerate(model.model.layers)]
+    targets = {name: {f"{name}.mlp.down_proj": b.mlp.down_proj} for name, b in blocks}
+    order, seen = [], {}
+
+    def quantize_block(index, name, stats):
+        order.append(index)
+        seen.update(stats)
+        block = dict(blocks)[name]
+        qt = quantize_tensor(block.mlp.down_proj.weight.detach(), QuantSpec(format="int2", group_size=16))
+        block.mlp.down_proj = QuantizedLinear.from_quantized(qt)
+
+    layer_sequential(model, blocks, targets, tokens, 4, quantize_block)
+    assert order == [0, 1]
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantizedLinear)
+
+    def block1_down_stats(m):
+        inputs = capture_block_inputs(m, m.model.layers[1], tokens, 4)
+        return collect_stats(m.model.layers[1], {"x": m.model.layers[1].mlp.down_proj}, inputs)["x"]["hessian"]
+
+    got = seen["model.layers.1.mlp.down_proj"]["hessian"]
+    assert torch.allclose(got, block1_down_stats(model), rtol=1e-4, atol=1e-7)  # = the quantized block 0's outputs
+    assert not torch.allclose(got, block1_down_stats(float_model), rtol=1e-3, atol=1e-7)  # ≠ the float model's

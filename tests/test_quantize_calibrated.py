@@ -1,0 +1,82 @@
+"""Calibrated quantization through quantize(): GPTQ on a tiny model, data sources, resume after a kill."""
+
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_tokenizer
+from weightwise.errors import WeightwiseError
+from weightwise.quantize import QuantizedLinear, quantization_record, quantize
+
+CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
+
+
+def _tokens(seed=1):
+    return torch.randint(1, 96, (8, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _output_mse(model, qmodel, tokens):
+    with torch.no_grad():
+        return (model(tokens).logits - qmodel(tokens).logits).pow(2).mean().item()
+
+
+def test_gptq_beats_rtn_on_held_out_tokens():
+    model = tiny_model()
+    calib, held_out = _tokens(1), _tokens(2)
+    rtn = quantize(model, {"format": "int3", "group_size": 32})
+    gptq = quantize(model, {"format": "int3", "group_size": 32, "method": "gptq", "calibration": CALIB}, calibration=calib)
+    assert _output_mse(model, gptq, held_out) < _output_mse(model, rtn, held_out)
+    record = quantization_record(gptq)
+    assert record["recipe"]["method"]["name"] == "gptq" and record["calibration"]["tokens"] == calib.numel()
+    assert all("damp" in layer["diagnostics"] for layer in record["layers"].values())
+
+
+def test_gptq_needs_calibration_data():
+    with pytest.raises(WeightwiseError, match="needs calibration data"):
+        quantize(tiny_model(), {"method": "gptq", "format": "int4", "group_size": 32})
+
+
+def test_gptq_from_a_text_with_the_tokenizer(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("calibration text for a tiny model. " * 40)
+    recipe = {"method": {"name": "gptq", "act_order": True}, "format": "nf4", "group_size": 32,
+              "calibration": {**CALIB, "source": str(text)}}
+    qmodel = quantize(tiny_model(), recipe, tokenizer=tiny_tokenizer())
+    assert sum(isinstance(m, QuantizedLinear) for m in qmodel.modules()) == 14
+
+
+def test_killed_run_resumes_at_the_next_block_with_identical_weights(tmp_path):
+    model, calib = tiny_model(), _tokens(3)
+    recipe = {"format": "int4", "group_size": 16, "method": "gptq", "lorc_rank": 2, "calibration": CALIB}
+    reference = quantize(model, recipe, calibration=calib)
+    checkpoint = tmp_path / "partial"
+
+    def kill_after_first_block(done, total, name):
+        if done == 8:  # block 0 holds 7 layers: the first layer of block 1 is being installed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint, progress=kill_after_first_block)
+    assert (checkpoint / "progress.json").is_file()
+    resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    assert quantization_record(resumed)["calibration"]["resumed_at_block"] == 1
+    assert not checkpoint.exists()
+    ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, module in resumed.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(module.dequantized_weight(), ref_layers[name].dequantized_weight()), name
+
+
+def test_stale_checkpoint_is_ignored(tmp_path):
+    model, calib = tiny_model(), _tokens(4)
+    checkpoint = tmp_path / "partial"
+
+    def kill(done, total, name):
+        if done == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model, {"format": "int4", "group_size": 16, "method": "gptq", "calibration": CALIB},
+                 calibration=calib, checkpoint_dir=checkpoint, progress=kill)
+    other = quantize(model, {"format": "int3", "group_size": 16, "method": "gptq", "calibration": CALIB},
+                     calibration=calib, checkpoint_dir=checkpoint)
+    assert quantization_record(other)["calibration"]["resumed_at_block"] == 0
