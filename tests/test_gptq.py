@@ -165,3 +165,18 @@ def test_bad_inputs_are_refused():
     h[0, 0] = float("nan")
     with pytest.raises(WeightwiseError, match="hessian"):
         gptq(w, SPECS["int4_g32"], h)
+
+
+@pytest.mark.parametrize("mode", ["all", "ratio"])
+def test_gptq_respects_power_of_two_scales(mode):
+    from weightwise.formats.quantizer import group_scales
+
+    torch.manual_seed(5)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(16, 64)
+    spec = QuantSpec(format="int4", group_size=16, pow2_scales=mode)
+    qt, _ = gptq(w, spec, h)
+    exps = torch.log2(group_scales(qt).abs())
+    assert torch.equal(exps, exps.round()) if mode == "all" else qt.scale_shifts is not None
+    assert output_error(w, dequantize(qt), h) <= output_error(w, dequantize(quantize_tensor(w, spec)), h)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 
 from weightwise.errors import WeightwiseError
-from weightwise.formats.base import QuantizedTensor, QuantSpec
+from weightwise.formats.base import SHIFT_BITS, QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes
 from weightwise.formats.quantizer import (
     check_finite,
+    compute_ratio_scales,
     compute_scales,
     decode_scale,
     from_codes,
     group_layout,
+    ratio_group_scales,
     to_codes,
     to_groups,
 )
@@ -95,11 +97,17 @@ def gptq(
     check_finite(hessian, "hessian")
     fmt, dtype = spec.number_format, spec.resolved_scale_dtype
     w = weight.detach().to(torch.float32).clone()
-    scale, offset = compute_scales(to_groups(w, spec), fmt, dtype)
+    shifts = None
+    if spec.pow2_scales == "ratio":  # the row scale depends on every group: static scales only
+        scale, shift_codes, offset = compute_ratio_scales(to_groups(w, spec), fmt, dtype)
+        scale_f, shifts = ratio_group_scales(scale, shift_codes, dtype), pack_codes(shift_codes, SHIFT_BITS)
+    else:
+        scale, offset = compute_scales(to_groups(w, spec), fmt, dtype, spec.pow2_scales)
+        scale_f = decode_scale(scale, dtype)
     _, _, g = group_layout((rows, cols), spec)
     grouped = spec.granularity == "group"
     group_of = torch.arange(cols, device=w.device) // (g if grouped else cols)  # column → its scale's column
-    refit = grouped and not static_groups and not act_order
+    refit = grouped and not static_groups and not act_order and shifts is None
 
     h = hessian.detach().to(torch.float64).clone()
     dead = h.diagonal() == 0
@@ -114,7 +122,7 @@ def gptq(
     # Transposed layout: row j of wt is the j-th column processed, so each column read is contiguous.
     wt = w[:, perm].T.contiguous()
     group_of = group_of[perm]
-    scale_t = decode_scale(scale, dtype)[:, group_of].T.contiguous()  # (cols, R), R = 1 for per-tensor
+    scale_t = scale_f[:, group_of].T.contiguous()  # (cols, R), R = 1 for per-tensor
     offset_t = None if offset is None else decode_scale(offset, dtype)[:, group_of].T.contiguous()
     codes_t = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -122,7 +130,7 @@ def gptq(
     starts = sorted(set(range(0, cols, block_size)) | (set(range(0, cols, g)) if refit else set()))
     for b0, b1 in zip(starts, starts[1:] + [cols]):
         if refit and b0 % g == 0:
-            gs, go = compute_scales(wt[b0 : b0 + g].T.unsqueeze(1), fmt, dtype)
+            gs, go = compute_scales(wt[b0 : b0 + g].T.unsqueeze(1), fmt, dtype, spec.pow2_scales)
             scale[:, b0 // g] = gs[:, 0]
             scale_t[b0 : b0 + g] = decode_scale(gs[:, 0], dtype)
             if go is not None:
@@ -143,5 +151,5 @@ def gptq(
         loss += err.square().sum()
 
     codes = codes_t.T[:, torch.argsort(perm)]
-    qt = QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, (rows, cols), spec)
+    qt = QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, (rows, cols), spec, shifts)
     return qt, {"damp": damp, "retries": retries, "proxy_loss": float(loss)}
