@@ -210,3 +210,15 @@ def test_spec_validation_messages():
         QuantSpec(format="int4_asym", scale_dtype="e8m0")
     with pytest.raises(ValueError, match="only to granularity"):
         QuantSpec(format="int4", granularity="channel", group_size=32)
+
+
+@pytest.mark.parametrize("name,emax", [("mxfp4", 2), ("mxfp6_e3m2", 4), ("mxfp6_e2m3", 2), ("mxfp8_e4m3", 8), ("mxfp8_e5m2", 15), ("mxint8", 0)])
+def test_mx_emax_matches_the_ocp_table(name, emax):
+    assert get_format(name).emax == emax
+
+
+def test_mxint8_is_near_lossless():
+    torch.manual_seed(3)
+    w = torch.randn(16, 128)
+    err = dequantize(quantize_tensor(w, QuantSpec(format="mxint8"))) - w
+    assert 10 * torch.log10(w.pow(2).mean() / err.pow(2).mean()) > 35

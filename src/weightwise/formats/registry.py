@@ -99,7 +99,7 @@ def _mx(name: str, element: NumberFormat, aliases=()) -> NumberFormat:
         description=f"OCP MX: {element.description.split(' (')[0]} elements, 32-entry blocks, E8M0 scale",
         block_size=32,
         scale_dtype="e8m0",
-        emax=math.floor(math.log2(element.max_abs)),
+        emax=math.floor(math.log2(element.max_value)),  # largest power of two ≤ the largest positive element
         aliases=aliases,
     )
 
