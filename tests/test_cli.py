@@ -151,3 +151,20 @@ def test_end_to_end_on_the_default_model(capsys, monkeypatch, tmp_path, default_
     assert row["bits_per_weight"] == pytest.approx(4.25)
     assert row["reference_ppl"] < row["ppl"] < 3 * row["reference_ppl"]
     assert 0 < row["kl_mean"] < 1 and 0.5 < row["top1_agreement"] < 1
+
+
+def test_gptq_with_calibration_file_and_size_target(capsys, monkeypatch, tiny_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text for the tiny model. " * 30)
+    run = tmp_path / "gptq"
+    code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
+                             "--lorc-rank", "2", "--calib", f"{text}:8x32", "-o", run)
+    assert code == 0, err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["calibration"]["tokens"] == 256 and manifest["recipe"]["method"]["name"] == "gptq"
+    assert not (tmp_path / ".gptq.partial").exists()
+    planned = tmp_path / "planned"
+    code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--target-bpw", "4", "--calib", f"{text}:8x32", "-o", planned)
+    assert code == 0, err
+    assert "plan choices" in out
+    assert json.loads((planned / "manifest.json").read_text())["plan"]["bits_per_weight"] <= 4

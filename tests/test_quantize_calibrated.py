@@ -80,3 +80,40 @@ def test_stale_checkpoint_is_ignored(tmp_path):
     other = quantize(model, {"format": "int3", "group_size": 16, "method": "gptq", "calibration": CALIB},
                      calibration=calib, checkpoint_dir=checkpoint)
     assert quantization_record(other)["calibration"]["resumed_at_block"] == 0
+
+
+def test_planner_meets_the_bit_budget_and_predicts_less_error_than_uniform():
+    model, calib = tiny_model(), _tokens(5)
+    candidates = [{"format": "int2_asym", "group_size": 32}, {"format": "int3", "group_size": 32},
+                  {"format": "int4", "group_size": 32}, {"format": "int8", "granularity": "channel"}]
+    qmodel = quantize(model, {"format": "int4", "target_bpw": 3.6, "candidates": candidates, "calibration": CALIB},
+                      calibration=calib)
+    plan = quantization_record(qmodel)["plan"]
+    from weightwise.evaluate.size import model_size
+
+    size = model_size(qmodel)
+    assert size["bits_per_weight"] <= 3.6 and plan["bits_per_weight"] == pytest.approx(size["bits_per_weight"])
+    assert len({c["choice"] for c in plan["choices"].values()}) > 1 and plan["optimal"]
+    # uniform int3 g32 (3.5 bits/weight) is one feasible plan: the optimum predicts no more error than it
+    uniform = quantize(model, {"target_bpw": 3.6, "candidates": candidates[1:2], "calibration": CALIB}, calibration=calib)
+    assert plan["predicted_error"] <= quantization_record(uniform)["plan"]["predicted_error"]
+
+
+def test_planner_with_target_mb_and_gptq():
+    from weightwise.evaluate.size import model_size
+
+    model, calib = tiny_model(), _tokens(7)
+    full_mb = model_size(model)["total_bytes"] / 1e6
+    recipe = {"method": "gptq", "target_mb": round(full_mb * 0.6, 4), "calibration": CALIB,
+              "candidates": [{"format": "int3", "group_size": 32}, {"format": "int8", "granularity": "channel"},
+                             {"format": "int4", "group_size": 32, "lorc_rank": 2}]}
+    qmodel = quantize(model, recipe, calibration=calib)
+    assert model_size(qmodel)["total_bytes"] / 1e6 <= recipe["target_mb"]
+    for tiny_budget in (full_mb * 0.12, full_mb * 0.05):  # below the smallest plan; below the unplanned tensors
+        with pytest.raises(WeightwiseError, match="infeasible|leaves nothing"):
+            quantize(model, {**recipe, "target_mb": tiny_budget}, calibration=calib)
+
+
+def test_size_target_and_overrides_conflict():
+    with pytest.raises(WeightwiseError, match="conflict"):
+        quantize(tiny_model(), {"target_bpw": 3, "overrides": [{"pattern": "q_proj", "skip": True}]})

@@ -106,6 +106,10 @@ def quantize_cmd(
     targets: Annotated[Optional[list[str]], typer.Option("--targets", help=_R["targets"].description)] = None,
     ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help=_R["ignore"].description)] = None,
     pad: Annotated[Optional[bool], typer.Option("--pad/--no-pad", help=_R["pad"].description)] = None,
+    lorc_rank: Annotated[Optional[int], typer.Option("--lorc-rank", help=_R["lorc_rank"].description)] = None,
+    pow2_scales: Annotated[Optional[str], typer.Option("--pow2-scales", help=_R["pow2_scales"].description)] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help=_R["target_bpw"].description)] = None,
+    target_mb: Annotated[Optional[float], typer.Option("--target-mb", help=_R["target_mb"].description)] = None,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
@@ -122,6 +126,7 @@ def quantize_cmd(
 
     recipe = _build(QuantRecipe, config, _given(format=format, group_size=group_size, granularity=granularity,
                                                 scale_dtype=scale_dtype, method=method, targets=targets, ignore=ignore, pad=pad,
+                                                lorc_rank=lorc_rank, pow2_scales=pow2_scales, target_bpw=target_bpw, target_mb=target_mb,
                                                 calibration=CalibrationConfig.parse(calib).model_dump() if calib else None))
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
     checkpoint = output.parent / f".{output.name}.partial"
@@ -141,6 +146,14 @@ def quantize_cmd(
     summary.add_row("bits/weight (quantized linears)", f"{size['bits_per_weight']:.3f}")
     summary.add_row("model size (MB)", f"{size['total_bytes'] / 1e6:.1f}")
     summary.add_row("quantize time (s)", f"{record['timings']['quantize_seconds']:.1f}")
+    if "plan" in record:
+        plan = record["plan"]
+        counts: dict[str, int] = {}
+        for choice in plan["choices"].values():
+            counts[choice["choice"]] = counts.get(choice["choice"], 0) + 1
+        summary.add_row("plan", f"{plan['bits_per_weight']:.3f} bits/weight (budget {plan['budget_bits']} bits, "
+                        f"{'optimal' if plan['optimal'] else 'not proven optimal'})")
+        summary.add_row("plan choices", ", ".join(f"{label} ×{n}" for label, n in sorted(counts.items())))
     Console().print(summary)
 
 

@@ -20,6 +20,7 @@ from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.quantize.calibration import calibration_tokens, layer_sequential
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
+from weightwise.quantize.planning import plan_layers, plan_summary
 from weightwise.quantize.methods import run_method
 from weightwise.quantize.qlinear import QuantizedLinear
 from weightwise.quantize.recipe import QuantRecipe, validated
@@ -78,6 +79,12 @@ def quantize(
     start = time.perf_counter()
     source_fingerprint = state_dict_fingerprint(model)
     plan = _plan(target_layers(model, recipe), recipe)
+    ranks = {name: recipe.lorc_rank_for(name) for name in plan}
+    planned = None
+    if recipe.target_bpw is not None or recipe.target_mb is not None:
+        planned, choices = _mixed_precision(model, recipe, plan, tokenizer, calibration)
+        plan = {name: spec for name, (spec, _) in choices.items()}
+        ranks = {name: rank for name, (_, rank) in choices.items()}
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -93,7 +100,7 @@ def quantize(
 
     def quantize_layer(name: str, stats: dict | None) -> QuantizedLinear:
         weight = modules[name].weight.detach().to(torch.float32)
-        spec, rank = plan[name], recipe.lorc_rank_for(name)
+        spec, rank = plan[name], ranks[name]
         qt, diagnostics = run_method(recipe.method, weight, spec, stats)
         factors = None
         if rank:
@@ -121,14 +128,15 @@ def quantize(
               "timings": {"quantize_seconds": elapsed}}
     if calibration_info:
         record["calibration"] = calibration_info
+    if planned is not None:
+        record["plan"] = planned
     setattr(model, RECORD_ATTRIBUTE, record)
     return model
 
 
 def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokenizer, calibration, checkpoint_dir, fingerprint) -> dict:
     """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint_dir``."""
-    family = family_of(getattr(model.config, "model_type", "unknown"))
-    blocks = [(name, module) for name, module in model.named_modules() if re.search(family.blocks, name)]
+    blocks = _decoder_blocks(model)
     by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
     outside = set(plan) - {t for targets in by_block.values() for t in targets}
     if outside:
@@ -153,6 +161,31 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
     return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
 
 
+def _decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    family = family_of(getattr(model.config, "model_type", "unknown"))
+    return [(name, module) for name, module in model.named_modules() if re.search(family.blocks, name)]
+
+
+def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokenizer, calibration) -> tuple[dict, dict]:
+    """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer."""
+    modules = dict(model.named_modules())
+    blocks = _decoder_blocks(model)
+    by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
+    tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
+    hessians: dict[str, torch.Tensor] = {}
+    layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
+                     lambda index, block, stats: hessians.update({n: s["hessian"] for n, s in stats.items()}))
+    missing = set(plan) - set(hessians)
+    if missing:
+        raise WeightwiseError(f"the planner needs every target inside a decoder block; {sorted(missing)[0]} is not")
+    weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
+    result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
+                                  target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
+                                  lorc_dtype=recipe.lorc_dtype)
+    n_params = sum(w.numel() for w in weights.values())
+    return {"target_bpw": recipe.target_bpw, "target_mb": recipe.target_mb, **plan_summary(result, n_params)}, choices
+
+
 def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> torch.Tensor:
     """Token ids (samples, seq_len) from explicit ``calibration`` or the recipe's calibration config."""
     if isinstance(calibration, torch.Tensor):
@@ -160,7 +193,7 @@ def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> t
             raise WeightwiseError("calibration token ids must be a 2-D LongTensor (samples, seq_len)")
         return calibration
     if tokenizer is None:
-        raise WeightwiseError(f"{recipe.method.name} needs calibration data: pass tokenizer= (or calibration token ids)")
+        raise WeightwiseError("this recipe needs calibration data (gptq, or a size target): pass tokenizer= (or calibration token ids)")
     if calibration is None:
         return calibration_tokens(recipe.calibration, tokenizer, model)
     from weightwise.data.corpora import join_documents
@@ -197,6 +230,9 @@ def _plan(targets, recipe: QuantRecipe) -> dict:
         if spec is None:
             continue
         check_finite(linear.weight, f"weight of {name}")
+        if recipe.target_bpw is not None or recipe.target_mb is not None:
+            plan[name] = spec  # the planner replaces it with a candidate that fits
+            continue
         try:
             group_layout(tuple(linear.weight.shape), spec)
         except WeightwiseError as err:

@@ -14,6 +14,7 @@ from weightwise.formats.registry import get_format
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.lowrank import FactorDtype
 from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
+from weightwise.quantize.planning import DEFAULT_CANDIDATES, PlanCandidate
 
 RECIPE_VERSION = 1
 
@@ -68,6 +69,13 @@ class QuantRecipe(BaseModel):
     )
     ignore: list[str] = Field(default_factory=list, description="Regexes of module names never to quantize.")
     overrides: list[LayerOverride] = Field(default_factory=list, description="Per-layer settings by name pattern.")
+    target_bpw: float | None = Field(
+        None, gt=0, description="Mixed precision: average bits per weight of the quantized layers (the planner picks "
+        "one candidate per layer to minimise the predicted output error under this budget).")
+    target_mb: float | None = Field(None, gt=0, description="Mixed precision: size of the whole model in MB (10^6 bytes).")
+    candidates: list[PlanCandidate] = Field(
+        default_factory=lambda: list(DEFAULT_CANDIDATES),
+        description="Settings the planner chooses from (format, granularity, group_size, lorc_rank).")
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -88,6 +96,10 @@ class QuantRecipe(BaseModel):
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe version {self.version} is not supported (this weightwise reads version {RECIPE_VERSION})")
         self.base_spec()
+        if self.target_bpw is not None and self.target_mb is not None:
+            raise ValueError("give target_bpw or target_mb, not both")
+        if (self.target_bpw or self.target_mb) and self.overrides:
+            raise ValueError("overrides and a size target conflict: the planner sets every layer's format")
         for override in self.overrides:
             if not override.skip:
                 self._merge(override)
