@@ -168,3 +168,10 @@ def test_gptq_with_calibration_file_and_size_target(capsys, monkeypatch, tiny_di
     assert code == 0, err
     assert "plan choices" in out
     assert json.loads((planned / "manifest.json").read_text())["plan"]["bits_per_weight"] <= 4
+
+
+def test_demo_rejects_an_invalid_eval_config(capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("window: 1\n")
+    out = tmp_path / "demo"
+    assert_user_error(run_cli(capsys, monkeypatch, "demo", "--config", bad, "-o", out), "window", out)

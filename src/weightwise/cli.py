@@ -214,13 +214,14 @@ def demo(
     full: Annotated[bool, typer.Option("--full", help="Evaluate on the whole pydoc eval split (slower) instead of --max-tokens.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Tokens scored per model when not --full.")] = 4096,
     formats: Annotated[Optional[list[str]], typer.Option("--format", help="Formats to compare (FORMAT or FORMAT:GROUP, GROUP 0 = per channel); default: six.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML with evaluation settings (the fields of `weightwise eval`); options override it.")] = None,
 ) -> None:
     """The main job: quantize the default model in several formats, evaluate each, one report with a Pareto plot."""
     from weightwise.compare import compare_recipes
     from weightwise.evaluate.report import write_report
 
     recipes = [_recipe_from_short(item) for item in (formats or DEMO_FORMATS)]
-    cfg = EvalConfig(max_tokens=None if full else max_tokens)
+    cfg = _build(EvalConfig, config, {"max_tokens": None if full else max_tokens})
     model_obj, tokenizer = _load("default")
     rows = compare_recipes(model_obj, tokenizer, recipes, cfg, on_event=lambda msg: console.print(msg))
     write_report(output, rows, title="weightwise demo: SmolLM2-135M-Instruct, RTN in six formats", reference_name="source fp32", settings=cfg.model_dump())

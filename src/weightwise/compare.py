@@ -62,7 +62,7 @@ def compare_recipes(
     for recipe in recipes:
         label = describe(recipe)
         started = time.perf_counter()
-        qmodel = quantize(model, recipe)
+        qmodel = quantize(model, recipe, tokenizer=tokenizer)
         quantize_seconds = time.perf_counter() - started
         result = evaluate(qmodel, tokenizer, **eval_kwargs).model_dump()
         rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
