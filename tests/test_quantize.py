@@ -224,3 +224,17 @@ def test_pow2_scales_through_the_model(tmp_path, mode):
     loaded, _ = load_quantized(save(qmodel, tmp_path / mode))
     other = dict(loaded.named_modules())["model.layers.0.self_attn.q_proj"]
     assert torch.equal(layer.dequantized_weight(), other.dequantized_weight())
+
+
+def test_dequantized_once_gives_the_same_outputs_and_is_released():
+    from weightwise.quantize.qlinear import dequantized_once
+
+    qmodel = quantize(tiny_model(), {"format": "nf4", "group_size": 32})
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        plain = qmodel(ids).logits
+        with dequantized_once(qmodel):
+            assert all(m._weight_cache is not None for m in _qlinears(qmodel).values())
+            cached = qmodel(ids).logits
+    assert torch.equal(plain, cached)
+    assert all(m._weight_cache is None for m in _qlinears(qmodel).values())

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.quantize.qlinear import dequantized_once
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tenso
 def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
     """The block's outputs for each captured batch, paired with the same kwargs (for the next block)."""
     outputs = []
-    with torch.no_grad():
+    with torch.no_grad(), dequantized_once(block):
         for hidden, kwargs in inputs:
             out = block(hidden, **kwargs)
             outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))

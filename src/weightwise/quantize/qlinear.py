@@ -7,6 +7,8 @@ the dequantized weight.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 
 import torch
@@ -35,6 +37,7 @@ class QuantizedLinear(nn.Module):
                  lowrank: tuple[int, FactorDtype] | None = None, device=None):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.lowrank = in_features, out_features, spec, lowrank
+        self._weight_cache: torch.Tensor | None = None  # set only inside dequantized_once()
         for name in _TENSOR_FIELDS:
             self.register_buffer(name, None)
         for name, (size, dtype) in stored_layout((out_features, in_features), spec).items():
@@ -89,10 +92,25 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        weight = self._weight_cache if self._weight_cache is not None else self.dequantized_weight()
+        return F.linear(x, weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         s = self.spec
         where = f"g{s.resolved_group_size}" if s.granularity == "group" else s.granularity
         extra = f", lorc rank {self.lowrank[0]} {self.lowrank[1]}" if self.lowrank else ""
         return f"in={self.in_features}, out={self.out_features}, format={s.format}, {where}, scales={s.resolved_scale_dtype}{extra}"
+
+
+@contextmanager
+def dequantized_once(module: nn.Module) -> Iterator[None]:
+    """Dequantize every QuantizedLinear in ``module`` once for many forward calls (calibration passes);
+    the float weights are dropped again on exit, so memory returns to the packed size."""
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    for layer in layers:
+        layer._weight_cache = layer.dequantized_weight()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._weight_cache = None
