@@ -187,7 +187,7 @@ def test_model_size_counts_tied_weights_once():
 def test_forward_timer_and_evaluate_speed(model):
     timer = ForwardTimer()
     assert timer.tokens_per_second() is None
-    for seconds in (0.01, 0.03, 0.02):
+    for seconds in (0.2, 0.03, 0.02, 0.01):  # the slow first call is left out
         with timer.measure(100):
             time.sleep(seconds)
     assert 100 / 0.03 < timer.tokens_per_second() < 100 / 0.01
