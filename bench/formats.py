@@ -10,7 +10,6 @@ forward speed relative to fp32 in the same run) and writes the same rows as JSON
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time

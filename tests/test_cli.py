@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model
 from weightwise.cli import main
 
 

@@ -8,6 +8,6 @@ from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
 
 
-def rtn(weight: torch.Tensor, spec: QuantSpec, stats: dict | None = None) -> QuantizedTensor:
+def rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     """Round-to-nearest quantization; needs no calibration statistics."""
     return quantize_tensor(weight, spec)
