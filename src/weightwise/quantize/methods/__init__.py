@@ -36,7 +36,7 @@ class GPTQConfig(BaseModel):
     name: Literal["gptq"] = "gptq"
     damp: float = Field(0.01, gt=0, description="Dampening added to H's diagonal, relative to its mean (×10 on each failed Cholesky).")
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
-    act_order: bool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal; measured in bench/README.md).")
+    act_order: bool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal (its effect is measured in bench/README.md).")
     static_groups: bool = Field(True, description="Group scales from the weights before GPTQ (True) or refitted at each group's first column (False).")
 
 
