@@ -80,9 +80,12 @@ def quantize(
     source_fingerprint = state_dict_fingerprint(model)
     plan = _plan(target_layers(model, recipe), recipe)
     ranks = {name: recipe.lorc_rank_for(name) for name in plan}
-    planned = None
-    if recipe.target_bpw is not None or recipe.target_mb is not None:
-        planned, choices = _mixed_precision(model, recipe, plan, tokenizer, calibration)
+    planned = tokens = None
+    sized = recipe.target_bpw is not None or recipe.target_mb is not None
+    if sized or type(recipe.method).needs_calibration:
+        tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
+    if sized:
+        planned, choices = _mixed_precision(model, recipe, plan, tokens)
         plan = {name: spec for name, (spec, _) in choices.items()}
         ranks = {name: rank for name, (_, rank) in choices.items()}
     if not inplace:
@@ -118,7 +121,7 @@ def quantize(
     calibration_info = None
     if type(recipe.method).needs_calibration:
         calibration_info = _calibrated(model, recipe, plan, modules, layers, quantize_layer, install,
-                                       tokenizer, calibration, checkpoint_dir, source_fingerprint)
+                                       tokens, checkpoint_dir, source_fingerprint)
     else:
         for name in plan:
             quantize_layer(name, None)
@@ -134,15 +137,9 @@ def quantize(
     return model
 
 
-def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokenizer, calibration, checkpoint_dir, fingerprint) -> dict:
+def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokens, checkpoint_dir, fingerprint) -> dict:
     """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint_dir``."""
-    blocks = _decoder_blocks(model)
-    by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
-    outside = set(plan) - {t for targets in by_block.values() for t in targets}
-    if outside:
-        raise WeightwiseError(f"{recipe.method.name} calibrates decoder blocks only; {sorted(outside)[0]} is outside them: "
-                              "quantize it with rtn in a separate recipe or add it to --ignore")
-    tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
+    blocks, by_block = _targets_by_block(model, modules, plan)
     checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), fingerprint, tokens) if checkpoint_dir else None
     start_block = 0
     if checkpoint is not None:
@@ -161,23 +158,25 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
     return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
 
 
-def _decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _targets_by_block(model: nn.Module, modules: dict, plan: dict) -> tuple[list, dict]:
+    """The decoder blocks and, per block, its target layers; every target must lie in a block."""
     family = family_of(getattr(model.config, "model_type", "unknown"))
-    return [(name, module) for name, module in model.named_modules() if re.search(family.blocks, name)]
+    blocks = [(name, module) for name, module in model.named_modules() if re.search(family.blocks, name)]
+    by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
+    outside = set(plan) - {t for targets in by_block.values() for t in targets}
+    if outside:
+        raise WeightwiseError(f"calibration covers decoder blocks only; {sorted(outside)[0]} is outside them: "
+                              "quantize it with rtn in a separate recipe or add it to --ignore")
+    return blocks, by_block
 
 
-def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokenizer, calibration) -> tuple[dict, dict]:
+def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor) -> tuple[dict, dict]:
     """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer."""
     modules = dict(model.named_modules())
-    blocks = _decoder_blocks(model)
-    by_block = {name: {t: modules[t] for t in plan if t.startswith(name + ".")} for name, _ in blocks}
-    tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
+    blocks, by_block = _targets_by_block(model, modules, plan)
     hessians: dict[str, torch.Tensor] = {}
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
                      lambda index, block, stats: hessians.update({n: s["hessian"] for n, s in stats.items()}))
-    missing = set(plan) - set(hessians)
-    if missing:
-        raise WeightwiseError(f"the planner needs every target inside a decoder block; {sorted(missing)[0]} is not")
     weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
     result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
                                   target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
