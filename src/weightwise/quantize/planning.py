@@ -1,10 +1,13 @@
 """Mixed precision under a size budget: measure each layer's sensitivity to each candidate setting
-(the Hessian-weighted output error tr((W−Ŵ) H (W−Ŵ)ᵀ) of round-to-nearest, with LoRC when the
-candidate has a rank), then let the integer program of ``planner`` choose one candidate per layer."""
+(the Hessian-weighted output error tr((W−Ŵ) H (W−Ŵ)ᵀ) of the weights the recipe's method would
+produce — round-to-nearest or GPTQ — with LoRC when the candidate has a rank, optionally weighted
+per output channel by the loss gradient's second moment so that layers compare), then let the
+integer program of ``planner`` choose one candidate per layer."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,9 +64,22 @@ DEFAULT_CANDIDATES: tuple[PlanCandidate, ...] = tuple(
 )
 
 
+Approximation = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]
+
+
+def round_to_nearest(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> torch.Tensor:
+    """The dequantized round-to-nearest weight (the Hessian is not used)."""
+    return dequantize(quantize_tensor(weight, spec))
+
+
 def layer_candidates(weight: torch.Tensor, hessian: torch.Tensor, candidates, pad: bool, pow2_scales: str,
-                     lorc_dtype: str) -> list[Candidate]:
-    """Stored bits and predicted output error of ``weight`` under each candidate that fits its shape."""
+                     lorc_dtype: str, approximate: Approximation = round_to_nearest,
+                     row_weights: torch.Tensor | None = None) -> list[Candidate]:
+    """Stored bits and predicted output error of ``weight`` under each candidate that fits its shape.
+
+    ``approximate(weight, spec, hessian)`` gives the dequantized weight the quantization method would
+    store; ``row_weights`` weight the output channels' errors (see ``output_error``).
+    """
     out = []
     for cand in candidates:
         spec = cand.spec(pad, pow2_scales)
@@ -71,12 +87,13 @@ def layer_candidates(weight: torch.Tensor, hessian: torch.Tensor, candidates, pa
             group_layout(tuple(weight.shape), spec)
         except WeightwiseError:
             continue  # this group size does not divide the layer's rows
-        approx = dequantize(quantize_tensor(weight, spec))
+        approx = approximate(weight, spec, hessian)
         bits = storage_bits(tuple(weight.shape), spec)
         if cand.lorc_rank:
             factors = low_rank_compensation(weight - approx, cand.lorc_rank, lorc_dtype)
             approx, bits = approx + factors.delta(), bits + factors.stored_bits()
-        out.append(Candidate(cand.label, bits, output_error(weight, approx, hessian), {"candidate": cand}))
+        error = output_error(weight, approx, hessian, row_weights)
+        out.append(Candidate(cand.label, bits, error, {"candidate": cand}))
     return out
 
 
@@ -91,9 +108,14 @@ def plan_layers(
     pad: bool,
     pow2_scales: str,
     lorc_dtype: str,
+    approximate: Approximation = round_to_nearest,
+    row_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Plan, dict[str, tuple[QuantSpec, int]]]:
     """The optimal plan and, per layer, its (spec, LoRC rank)."""
-    options = {name: layer_candidates(w, hessians[name], candidates, pad, pow2_scales, lorc_dtype) for name, w in weights.items()}
+    row_weights = row_weights or {}
+    options = {name: layer_candidates(w, hessians[name], candidates, pad, pow2_scales, lorc_dtype, approximate,
+                                      row_weights.get(name))
+               for name, w in weights.items()}
     empty = [name for name, cands in options.items() if not cands]
     if empty:
         raise WeightwiseError(f"no planner candidate fits layer {empty[0]}: add candidates whose group size divides its rows")

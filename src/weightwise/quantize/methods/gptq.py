@@ -26,13 +26,19 @@ from weightwise.formats.quantizer import (
 )
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> float:
     """trace((W − Ŵ) H (W − Ŵ)ᵀ): the layer-output error GPTQ minimises.
 
     With H = XᵀX / n this is the summed squared error of ``X @ Wᵀ`` per calibration input.
+    ``row_weights`` (one per output channel) weight each channel's error, e.g. by how much the loss
+    cares about it (see ``quantize.sensitivity``).
     """
     e = (weight - approx).to(torch.float64)
-    return float(((e @ hessian.to(torch.float64)) * e).sum())
+    per_row = ((e @ hessian.to(torch.float64)) * e).sum(dim=1)
+    if row_weights is not None:
+        per_row = per_row * row_weights.to(torch.float64)
+    return float(per_row.sum())
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
