@@ -58,12 +58,12 @@ def test_blocks_rerun_from_captured_inputs_reproduce_the_model():
     tokens = _tokens()
     blocks = list(model.model.layers)
     inputs = capture_block_inputs(model, blocks[0], tokens, batch_size=4)
-    assert [h.shape[0] for h, _ in inputs] == [4, 2]
+    assert [h.shape[0] for h, *_ in inputs] == [4, 2]
     for block in blocks:
         inputs = run_block(block, inputs)
     with torch.no_grad():
         expected = model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
-    ours = model.model.norm(torch.cat([h for h, _ in inputs]))
+    ours = model.model.norm(torch.cat([h for h, *_ in inputs]))
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
@@ -77,8 +77,8 @@ def test_stats_are_token_normalized_input_hessians():
     seen = {}
     handle = block.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.setdefault("x", []).append(a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
-        for hidden, kwargs in inputs:
-            block(hidden, **kwargs)
+        for hidden, args, kwargs in inputs:
+            block(hidden, *args, **kwargs)
     handle.remove()
     x = torch.cat(seen["x"])
     assert stats["down"]["tokens"] == tokens.numel()

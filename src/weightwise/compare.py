@@ -36,11 +36,15 @@ def compare_recipes(
     config: EvalConfig,
     *,
     source_name: str = "source fp32",
+    labels: list[str] | None = None,
     on_event: Event | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Rows (name, recipe, EvalResult fields, quantize time) for the source model and each recipe.
 
     The source's outputs are computed once and every quantized model is compared with them.
+    ``labels`` name the recipes' rows (default: :func:`describe`); ``on_row`` sees each row as soon as
+    it is measured (e.g. to save partial results of a long benchmark).
     """
     say = on_event or (lambda message: None)
     text = config.load_text()
@@ -59,8 +63,8 @@ def compare_recipes(
     )
     rows = [{"name": source_name, "format": "fp32", **source}]
     say(f"{source_name}: ppl {source['ppl']:.3f}")
-    for recipe in recipes:
-        label = describe(recipe)
+    for index, recipe in enumerate(recipes):
+        label = labels[index] if labels else describe(recipe)
         started = time.perf_counter()
         qmodel = quantize(model, recipe, tokenizer=tokenizer)
         quantize_seconds = time.perf_counter() - started
@@ -68,6 +72,8 @@ def compare_recipes(
         rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
                      "quantize_seconds": quantize_seconds, **result})
         say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")
+        if on_row:
+            on_row(rows[-1])
         del qmodel
         gc.collect()
     return rows

@@ -20,7 +20,8 @@ from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.quantize.calibration import calibration_tokens, layer_sequential
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
-from weightwise.quantize.planning import plan_layers, plan_summary
+from weightwise.quantize.planning import plan_layers, plan_summary, round_to_nearest
+from weightwise.quantize.sensitivity import output_gradient_moments
 from weightwise.quantize.methods import run_method
 from weightwise.quantize.qlinear import QuantizedLinear
 from weightwise.quantize.recipe import QuantRecipe, validated
@@ -65,7 +66,7 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model``'s target layers; returns a new model unless ``inplace``.
 
-    ``recipe`` may be a QuantRecipe, a dict of its fields, or a YAML path. Calibrated methods (gptq)
+    ``recipe`` may be a QuantRecipe, a dict of its fields, or a YAML path. Calibrated methods (gptq, awq, …)
     use ``calibration`` — token ids (samples, seq_len), a text, or a list of documents (with
     ``tokenizer``) — or else the recipe's calibration config (needs ``tokenizer``). With
     ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block.
@@ -82,7 +83,7 @@ def quantize(
     ranks = {name: recipe.lorc_rank_for(name) for name in plan}
     planned = tokens = None
     sized = recipe.target_bpw is not None or recipe.target_mb is not None
-    if sized or type(recipe.method).needs_calibration:
+    if sized or recipe.needs_calibration:
         tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
     if sized:
         planned, choices = _mixed_precision(model, recipe, plan, tokens)
@@ -108,18 +109,23 @@ def quantize(
         factors = None
         if rank:
             factors = low_rank_compensation(weight - dequantize(qt), rank, recipe.lorc_dtype)
-        qlinear = QuantizedLinear.from_quantized(qt, modules[name].bias, factors, recipe.lorc_dtype)
-        record = {"spec": spec.model_dump(exclude_none=True), "stored_bits": qlinear.stored_bits(),
+        qlinear = QuantizedLinear.from_quantized(qt, modules[name].bias, factors, recipe.lorc_dtype, recipe.act_format)
+        # qt.spec, not spec: a searching method (fpsearch) may choose another format than planned
+        record = {"spec": qt.spec.model_dump(exclude_none=True), "stored_bits": qlinear.stored_bits(),
                   "sqnr_db": weight_sqnr_db(weight, qlinear.dequantized_weight())}
         if factors is not None:
             record["lorc"] = {"rank": rank, "dtype": recipe.lorc_dtype}
+        if recipe.act_format is not None:
+            record["act_format"] = recipe.act_format
         if diagnostics:
             record["diagnostics"] = diagnostics
+        if stats and "folded" in stats:  # scales migrated into this layer's input (SmoothQuant, AWQ)
+            record["folded"] = stats["folded"]
         install(name, qlinear, record)
         return qlinear
 
     calibration_info = None
-    if type(recipe.method).needs_calibration:
+    if recipe.needs_calibration:
         calibration_info = _calibrated(model, recipe, plan, modules, layers, quantize_layer, install,
                                        tokens, checkpoint_dir, source_fingerprint)
     else:
@@ -147,15 +153,25 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
         for name, qlinear in saved.items():
             install(name, qlinear, records[name])
 
+    family, steps = family_of(getattr(model.config, "model_type", "unknown")), recipe.block_steps()
+
     def quantize_block(index: int, block_name: str, stats: dict[str, dict]) -> None:
+        for step in steps:  # block-level transforms (scale migration) before the block's layers are quantized
+            stats = step(modules[block_name], block_name, {name: plan[name] for name in by_block[block_name]}, stats, family)
         done = {name: quantize_layer(name, stats[name]) for name in by_block[block_name]}
         if checkpoint is not None:
-            checkpoint.save_block(index, done, {name: layers[name] for name in done})
+            checkpoint.save_block(index, done, {name: layers[name] for name in done}, _float_state(block_name, modules[block_name]))
 
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block)
     if checkpoint is not None:
         checkpoint.clear()
     return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
+
+
+def _float_state(block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's tensors outside its quantized layers (e.g. norms that scale migration rescaled), by full name."""
+    quantized = {name for name, module in block.named_modules() if isinstance(module, QuantizedLinear)}
+    return {f"{block_name}.{key}": value for key, value in block.state_dict().items() if key.rpartition(".")[0] not in quantized}
 
 
 def _targets_by_block(model: nn.Module, modules: dict, plan: dict) -> tuple[list, dict]:
@@ -178,11 +194,24 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
                      lambda index, block, stats: hessians.update({n: s["hessian"] for n, s in stats.items()}))
     weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
+    row_weights = None
+    if recipe.plan_gradient_samples:
+        row_weights = output_gradient_moments(model, {name: modules[name] for name in plan},
+                                              tokens[: recipe.plan_gradient_samples])
     result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
                                   target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
-                                  lorc_dtype=recipe.lorc_dtype)
+                                  lorc_dtype=recipe.lorc_dtype, approximate=_planning_approximation(recipe),
+                                  row_weights=row_weights)
     n_params = sum(w.numel() for w in weights.values())
     return {"target_bpw": recipe.target_bpw, "target_mb": recipe.target_mb, **plan_summary(result, n_params)}, choices
+
+
+def _planning_approximation(recipe: QuantRecipe):
+    """What the planner measures each candidate with: the recipe's own method when it works one layer at a
+    time from the layer's Hessian (rtn, gptq), else round-to-nearest."""
+    if recipe.method.name != "gptq":
+        return round_to_nearest
+    return lambda weight, spec, hessian: dequantize(run_method(recipe.method, weight, spec, {"hessian": hessian})[0])
 
 
 def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> torch.Tensor:
@@ -192,7 +221,7 @@ def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> t
             raise WeightwiseError("calibration token ids must be a 2-D LongTensor (samples, seq_len)")
         return calibration
     if tokenizer is None:
-        raise WeightwiseError("this recipe needs calibration data (gptq, or a size target): pass tokenizer= (or calibration token ids)")
+        raise WeightwiseError("this recipe needs calibration data (a calibrated method, smoothquant_alpha or a size target): pass tokenizer= (or calibration token ids)")
     if calibration is None:
         return calibration_tokens(recipe.calibration, tokenizer, model)
     from weightwise.data.corpora import join_documents

@@ -2,12 +2,13 @@
 linear layers' inputs, let the caller quantize the block, then feed the *quantized* block's outputs
 to block i + 1. Peak memory is one block's activations plus its statistics.
 
-Statistics per linear layer (float32, token-normalized): the input Hessian H = XᵀX / n and the
-per-input-channel mean |x|. Inputs shared by several linears (q/k/v, gate/up) are multiplied once.
+Statistics per linear layer (float32, token-normalized): the input Hessian H = XᵀX / n, the
+per-input-channel mean |x| and max |x|. Inputs shared by several linears (q/k/v, gate/up) are multiplied once.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from weightwise.architectures import FAMILIES
 from weightwise.errors import WeightwiseError
 from weightwise.quantize.qlinear import dequantized_once
 
 logger = logging.getLogger(__name__)
+
+# What a block receives for one batch: (hidden states, its other positional args — BERT's attention mask —, kwargs).
+CapturedBatch = tuple[torch.Tensor, tuple, dict]
 
 
 class CalibrationConfig(BaseModel):
@@ -46,24 +51,48 @@ class CalibrationConfig(BaseModel):
 
 
 def calibration_tokens(config: CalibrationConfig, tokenizer, model: nn.Module | None = None) -> torch.Tensor:
-    """(samples, seq_len) token ids: seeded non-overlapping windows of the text, or sequences sampled from the model."""
+    """(samples, seq_len) token ids: seeded non-overlapping windows of the text, or sequences sampled from the model.
+
+    For model families that frame every input with special tokens (encoders: [CLS] … [SEP]) each window is
+    framed the same way, so that its seq_len includes them; decoders get plain text windows (no BOS).
+    """
     if config.source == "self":
         if model is None:
             raise WeightwiseError("data-free calibration ('self') needs the model to sample from")
         return _sample_from_model(model, tokenizer, config)
     from weightwise.data.corpora import corpus, join_documents
 
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    prefix, suffix = special_frame(tokenizer) if family is not None and family.frame_calibration else ([], [])
+    body = config.seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise WeightwiseError(f"calibration seq_len {config.seq_len} leaves no room for text between the "
+                              f"{len(prefix) + len(suffix)} special tokens: raise it")
     text = join_documents(corpus(config.source, "calib"))
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    n_windows = ids.numel() // config.seq_len
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    n_windows = ids.numel() // body
     if n_windows < config.samples:
         raise WeightwiseError(
             f"calibration text {config.source!r} holds {n_windows} windows of {config.seq_len} tokens, "
             f"fewer than the {config.samples} asked for: lower the sample count or the length, or pass more text"
         )
-    windows = ids[: n_windows * config.seq_len].view(n_windows, config.seq_len)
+    windows = ids[: n_windows * body].view(n_windows, body)
     chosen = torch.randperm(n_windows, generator=torch.Generator().manual_seed(config.seed))[: config.samples]
-    return windows[chosen.sort().values]
+    windows = windows[chosen.sort().values]
+    left, right = (torch.tensor(edge, dtype=torch.long).expand(len(windows), -1) for edge in (prefix, suffix))
+    return torch.cat([left, windows, right], dim=1)
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids ``tokenizer`` puts before and after a single sequence (BERT: [CLS] and [SEP]), read off a probe."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    raise WeightwiseError("the tokenizer's special tokens cannot be told apart from the text; "
+                          "pass calibration token ids (samples, seq_len) instead")
 
 
 def _sample_from_model(model: nn.Module, tokenizer, config: CalibrationConfig) -> torch.Tensor:
@@ -92,11 +121,13 @@ class LayerStats:
 
     hessian: torch.Tensor
     abs_sum: torch.Tensor
+    abs_max: torch.Tensor
     tokens: int = 0
 
     def as_dict(self) -> dict:
         n = max(self.tokens, 1)
-        return {"hessian": self.hessian / n, "act_abs_mean": self.abs_sum / n, "tokens": self.tokens}
+        return {"hessian": self.hessian / n, "act_abs_mean": self.abs_sum / n, "act_abs_max": self.abs_max,
+                "tokens": self.tokens}
 
 
 @dataclass
@@ -104,21 +135,23 @@ class _Collector:
     """Forward hooks on a block's target linears accumulating LayerStats (shared inputs computed once)."""
 
     stats: dict[str, LayerStats] = field(default_factory=dict)
-    _cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def hook(self, name: str, linear: nn.Linear):
         def record(module, args, output):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             key = id(args[0])
             if key not in self._cache:  # the cache keeps the input alive, so its id cannot be reused in this chunk
-                self._cache[key] = (args[0], x.T @ x, x.abs().sum(dim=0))
-            _, xtx, abs_sum = self._cache[key]
+                absx = x.abs()
+                self._cache[key] = (args[0], x.T @ x, absx.sum(dim=0), absx.amax(dim=0))
+            _, xtx, abs_sum, abs_max = self._cache[key]
             entry = self.stats.get(name)
             if entry is None:
-                self.stats[name] = LayerStats(xtx.clone(), abs_sum.clone(), x.shape[0])
+                self.stats[name] = LayerStats(xtx.clone(), abs_sum.clone(), abs_max.clone(), x.shape[0])
             else:
                 entry.hessian += xtx
                 entry.abs_sum += abs_sum
+                torch.maximum(entry.abs_max, abs_max, out=entry.abs_max)
                 entry.tokens += x.shape[0]
 
         return linear.register_forward_hook(record)
@@ -127,20 +160,23 @@ class _Collector:
         self._cache.clear()
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch of ``tokens``: the (hidden_states, kwargs) that ``block`` receives when the model runs."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[CapturedBatch]:
+    """Per batch of ``tokens``: the (hidden_states, other positional args, kwargs) that ``block`` receives when the model runs."""
+    captured: list[CapturedBatch] = []
 
     def grab(module, args, kwargs):
-        captured.append((args[0].detach() if args else kwargs.pop("hidden_states").detach(), dict(kwargs)))
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), tuple(args[1:]), kwargs))
         raise _StopForward
 
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             for start in range(0, len(tokens), batch_size):
                 try:
-                    model(input_ids=tokens[start : start + batch_size], use_cache=False)
+                    model(input_ids=tokens[start : start + batch_size], **no_cache)
                 except _StopForward:
                     pass
     finally:
@@ -148,24 +184,24 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tenso
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    """The block's outputs for each captured batch, paired with the same kwargs (for the next block)."""
+def run_block(block: nn.Module, inputs: list[CapturedBatch]) -> list[CapturedBatch]:
+    """The block's outputs for each captured batch, paired with the same other args (for the next block)."""
     outputs = []
     with torch.no_grad(), dequantized_once(block):
-        for hidden, kwargs in inputs:
-            out = block(hidden, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+        for hidden, args, kwargs in inputs:
+            out = block(hidden, *args, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
     return outputs
 
 
-def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[tuple[torch.Tensor, dict]]) -> dict[str, dict]:
+def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch]) -> dict[str, dict]:
     """Input statistics of ``linears`` (names → modules inside ``block``) over every captured batch."""
     collector = _Collector()
     handles = [collector.hook(name, linear) for name, linear in linears.items()]
     try:
         with torch.no_grad():
-            for hidden, kwargs in inputs:
-                block(hidden, **kwargs)
+            for hidden, args, kwargs in inputs:
+                block(hidden, *args, **kwargs)
                 collector.end_chunk()
     finally:
         for handle in handles:

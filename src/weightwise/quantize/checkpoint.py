@@ -1,5 +1,6 @@
-"""Resume a calibrated quantization after a kill: each finished block's quantized layers are saved
-(safetensors, written atomically) with a progress file keyed by recipe, source and calibration data."""
+"""Resume a calibrated quantization after a kill: each finished block's quantized layers (and its other
+tensors, which scale migration may have changed) are saved (safetensors, written atomically) with a
+progress file keyed by recipe, source and calibration data."""
 
 from __future__ import annotations
 
@@ -49,18 +50,24 @@ class BlockCheckpoint:
                 qlinear.load_state_dict({key.removeprefix(name + "."): value for key, value in saved.items()
                                          if key.startswith(name + ".")})
                 rebuilt[name] = qlinear
+            for key in state.get("float", {}).get(str(block), []):
+                owner, _, attr = key.rpartition(".")
+                getattr(modules[owner], attr).data.copy_(saved[key])
         logger.info("resuming after block %d from %s", state["blocks_done"], self.folder)
         return state["blocks_done"], state["layers"], rebuilt
 
-    def save_block(self, index: int, qlinears: dict[str, QuantizedLinear], records: dict[str, dict]) -> None:
-        """Record block ``index`` (its quantized layers) as done."""
+    def save_block(self, index: int, qlinears: dict[str, QuantizedLinear], records: dict[str, dict],
+                   float_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Record block ``index`` (its quantized layers, and ``float_state``: its other tensors by full name) as done."""
         self.folder.mkdir(parents=True, exist_ok=True)
         flat = {f"{name}.{key}": value.contiguous() for name, module in qlinears.items() for key, value in module.state_dict().items()}
+        flat.update({key: value.contiguous() for key, value in (float_state or {}).items()})
         write_bytes_atomic(self.folder / f"block_{index:04d}.safetensors", safetensors.torch.save(flat))
         progress = self.folder / _PROGRESS
         state = json.loads(progress.read_text()) if progress.is_file() else {"key": self.key, "blocks": [], "layers": {}}
         state["blocks"].append(list(qlinears))
         state["blocks_done"] = index + 1
+        state.setdefault("float", {})[str(index)] = list(float_state or {})
         state["layers"].update({name: records[name] for name in qlinears})
         write_json_atomic(progress, state)
 

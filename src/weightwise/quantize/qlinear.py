@@ -2,7 +2,8 @@
 
 Only the packed form is kept in memory, so a quantized model's weight bytes really shrink; the cost
 is one dequantization per forward call. Optional low-rank compensation factors (LoRC) are added to
-the dequantized weight.
+the dequantized weight. An optional activation format (``act_format``) fake-quantizes the input per
+token before the matmul (simulated W8A8 / W4A8); it stores nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weightwise.formats.activations import activation_spec, fake_quantize_activations
 from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.quantizer import dequantize, stored_layout
 from weightwise.quantize.lowrank import FactorDtype, LowRankFactors
@@ -31,12 +33,15 @@ def _lowrank_layout(out_features: int, in_features: int, rank: int, dtype: Facto
 
 
 class QuantizedLinear(nn.Module):
-    """y = x · (dequant(codes, scales[, offsets]) [+ A·B])ᵀ + bias."""
+    """y = [actq](x) · (dequant(codes, scales[, offsets]) [+ A·B])ᵀ + bias."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False,
-                 lowrank: tuple[int, FactorDtype] | None = None, device=None):
+                 lowrank: tuple[int, FactorDtype] | None = None, device=None, act_format: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.spec, self.lowrank = in_features, out_features, spec, lowrank
+        if act_format is not None:
+            activation_spec(act_format)  # refuse an unknown format now, not at the first forward
+        self.act_format = act_format
         self._weight_cache: torch.Tensor | None = None  # set only inside dequantized_once()
         for name in _TENSOR_FIELDS:
             self.register_buffer(name, None)
@@ -49,10 +54,12 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None,
-                       factors: LowRankFactors | None = None, factor_dtype: FactorDtype = "fp16") -> "QuantizedLinear":
+                       factors: LowRankFactors | None = None, factor_dtype: FactorDtype = "fp16",
+                       act_format: str | None = None) -> "QuantizedLinear":
         out_features, in_features = qt.shape
         lowrank = None if factors is None else (factors.rank, factor_dtype)
-        module = cls(in_features, out_features, qt.spec, bias=bias is not None, lowrank=lowrank, device=qt.packed_codes.device)
+        module = cls(in_features, out_features, qt.spec, bias=bias is not None, lowrank=lowrank, device=qt.packed_codes.device,
+                     act_format=act_format)
         for name in _TENSOR_FIELDS:
             value = getattr(qt, name)
             if value is not None:
@@ -66,10 +73,10 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def empty_like(cls, linear: nn.Linear, record: dict) -> "QuantizedLinear":
-        """An unfilled module for ``linear`` shaped by its manifest ``record`` (spec, optional lorc), for loading."""
+        """An unfilled module for ``linear`` shaped by its manifest ``record`` (spec, optional lorc and act_format), for loading."""
         lorc = record.get("lorc")
         return cls(linear.in_features, linear.out_features, QuantSpec(**record["spec"]), bias=linear.bias is not None,
-                   lowrank=None if lorc is None else (lorc["rank"], lorc["dtype"]))
+                   lowrank=None if lorc is None else (lorc["rank"], lorc["dtype"]), act_format=record.get("act_format"))
 
     def quantized_tensor(self) -> QuantizedTensor:
         tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}
@@ -93,12 +100,15 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         weight = self._weight_cache if self._weight_cache is not None else self.dequantized_weight()
+        if self.act_format is not None:
+            x = fake_quantize_activations(x, self.act_format)
         return F.linear(x, weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         s = self.spec
         where = f"g{s.resolved_group_size}" if s.granularity == "group" else s.granularity
         extra = f", lorc rank {self.lowrank[0]} {self.lowrank[1]}" if self.lowrank else ""
+        extra += f", act={self.act_format}" if self.act_format else ""
         return f"in={self.in_features}, out={self.out_features}, format={s.format}, {where}, scales={s.resolved_scale_dtype}{extra}"
 
 

@@ -9,12 +9,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from weightwise.errors import WeightwiseError
+from weightwise.formats.activations import activation_spec
 from weightwise.formats.base import Granularity, Pow2Scales, QuantSpec, ScaleDtype
 from weightwise.formats.registry import get_format
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.lowrank import FactorDtype
 from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
 from weightwise.quantize.planning import DEFAULT_CANDIDATES, PlanCandidate
+from weightwise.quantize.scaling import BlockStep, smoothquant_step
 
 RECIPE_VERSION = 1
 
@@ -55,12 +57,22 @@ class QuantRecipe(BaseModel):
     lorc_rank: int = Field(0, ge=0, description="Rank r of the low-rank compensation (LoRC) of each layer's quantization "
                            "error, stored as two factors (out×r, r×in) and counted in the size; 0 = off.")
     lorc_dtype: FactorDtype = Field("fp16", description="Storage of the LoRC factors: fp16, or int8 with fp16 per-row scales.")
+    act_format: str | None = Field(
+        None, description="Simulated activation quantization: each quantized layer's input is quantized and dequantized "
+        "per token (one fp32 scale per token; MX formats per 32-entry block) in this format before the matmul, e.g. "
+        "int8 (W8A8) or fp8_e4m3; nothing is stored. Default: activations stay in float.")
+    smoothquant_alpha: float | None = Field(
+        None, ge=0, le=1, description="SmoothQuant (Xiao et al. 2022) migration strength α: before a block's layers "
+        "are quantized, each scaling group's input channel j is divided by s_j = max|x_j|^α / max|W_:,j|^(1−α) in the "
+        "preceding norm or linear and the weights' column j multiplied by it (the float model is unchanged); moves "
+        "activation outliers into the weights, for act_format. Needs calibration data. Default: off.")
     method: MethodConfig = Field(
         default_factory=RTNConfig,
-        description="Quantization method: rtn or gptq (a name, or a mapping with `name` and the method's options).",
+        description="Quantization method: rtn, gptq, fpsearch or awq (a name, or a mapping with `name` and the method's options).",
     )
     calibration: CalibrationConfig = Field(
-        default_factory=CalibrationConfig, description="Calibration data for methods that need it (gptq)."
+        default_factory=CalibrationConfig, description="Calibration data for methods that need it (gptq, fpsearch, awq, "
+        "smoothquant_alpha)."
     )
     targets: list[str] | None = Field(
         None,
@@ -73,6 +85,9 @@ class QuantRecipe(BaseModel):
         None, gt=0, description="Mixed precision: average bits per weight of the quantized layers (the planner picks "
         "one candidate per layer to minimise the predicted output error under this budget).")
     target_mb: float | None = Field(None, gt=0, description="Mixed precision: size of the whole model in MB (10^6 bytes).")
+    plan_gradient_samples: int = Field(
+        16, ge=0, description="Mixed precision: calibration sequences whose loss gradients weight each layer's "
+        "output error per channel (the planner's sensitivity, comparable across layers); 0 = plain output error.")
     candidates: list[PlanCandidate] = Field(
         default_factory=lambda: list(DEFAULT_CANDIDATES),
         description="Settings the planner chooses from (format, granularity, group_size, lorc_rank).")
@@ -81,6 +96,11 @@ class QuantRecipe(BaseModel):
     @classmethod
     def _valid_regexes(cls, value):
         return value if value is None else [_check_regex(p) for p in value]
+
+    @field_validator("act_format")
+    @classmethod
+    def _known_act_format(cls, value: str | None) -> str | None:
+        return value if value is None else activation_spec(value).format
 
     @field_validator("method", mode="before")
     @classmethod
@@ -103,7 +123,27 @@ class QuantRecipe(BaseModel):
         for override in self.overrides:
             if not override.skip:
                 self._merge(override)
+        check_spec = getattr(self.method, "check_spec", None)  # a method that handles only some formats (fpsearch)
+        if check_spec is not None:
+            if self.target_bpw is not None or self.target_mb is not None:
+                specs = [candidate.spec(self.pad, self.pow2_scales) for candidate in self.candidates]
+            else:
+                specs = [self.base_spec(), *(self._merge(o) for o in self.overrides if not o.skip)]
+            for spec in specs:
+                check_spec(spec)
         return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this recipe runs layer-sequential calibration."""
+        return type(self.method).needs_calibration or self.smoothquant_alpha is not None
+
+    def block_steps(self) -> list[BlockStep]:
+        """Block-level transforms run, in order, before a calibrated block's layers are quantized
+        (SmoothQuant, then the method's own ``prepare_block`` such as AWQ's scale search)."""
+        steps = [] if self.smoothquant_alpha is None else [smoothquant_step(self.smoothquant_alpha)]
+        prepare = getattr(self.method, "prepare_block", None)
+        return steps if prepare is None else [*steps, prepare]
 
     def base_spec(self) -> QuantSpec:
         return QuantSpec(

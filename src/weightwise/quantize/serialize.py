@@ -33,6 +33,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, metrics: dict | 
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]  # tells load_quantized a base model (BertModel) from an LM
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -47,7 +48,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, metrics: dict | 
 
 def load_quantized(path: str | Path):
     """Rebuild a quantized model saved by :func:`save`; returns (model, tokenizer or None)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -57,7 +58,7 @@ def load_quantized(path: str | Path):
     if not weights.is_file():
         raise WeightwiseError(f"{weights} is missing; the run folder is incomplete: re-run the quantization")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _auto_class(config).from_config(config, dtype=torch.float32)
     modules = dict(model.named_modules())
     for name, layer in manifest["layers"].items():
         linear = modules.get(name)
@@ -80,6 +81,15 @@ def load_quantized(path: str | Path):
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer
+
+
+def _auto_class(config):
+    """AutoModel when ``config.architectures`` names the family's base model (an encoder such as BertModel), else
+    AutoModelForCausalLM."""
+    from transformers import MODEL_MAPPING, AutoModel, AutoModelForCausalLM
+
+    base = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    return AutoModel if base is not None and base.__name__ in (config.architectures or []) else AutoModelForCausalLM
 
 
 def _is_tied_copy(model: nn.Module, key: str) -> bool:
