@@ -20,6 +20,8 @@ _API = {
     "quantize": "weightwise.quantize.api",
     "quantization_record": "weightwise.quantize.api",
     "save": "weightwise.quantize.serialize",
+    "TuneConfig": "weightwise.tune.config",
+    "tune": "weightwise.tune.api",
 }
 
 __all__ = sorted(_API)

@@ -19,6 +19,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.evaluate.config import EvalConfig
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.recipe import QuantRecipe, recipe_from_yaml, validated, validation_message
+from weightwise.tune.config import TuneConfig
 
 app = typer.Typer(
     help="Quantize, evaluate and compare Hugging Face causal LMs on one GPU or a laptop CPU.",
@@ -32,7 +33,7 @@ logger = logging.getLogger("weightwise.cli")
 _R = QuantRecipe.model_fields
 _E = EvalConfig.model_fields
 
-ModelArg = Annotated[str, typer.Argument(help="A local HF folder, a .gguf file, a hub id in the local HF cache, a weightwise run folder, or 'default'.")]
+ModelArg = Annotated[str, typer.Argument(help="A local HF folder, a .gguf file, a hub id in the local HF cache, a weightwise run folder, 'default' (SmolLM2-135M-Instruct) or 'minilm' (the all-MiniLM-L6-v2 encoder; quantize only).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same fields; command-line options override it.")]
 AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow loading pickled .bin checkpoints (runs code from the file: only for files you trust).")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model folder's own Python code to run.")]
@@ -108,26 +109,35 @@ def quantize_cmd(
     pad: Annotated[Optional[bool], typer.Option("--pad/--no-pad", help=_R["pad"].description)] = None,
     lorc_rank: Annotated[Optional[int], typer.Option("--lorc-rank", help=_R["lorc_rank"].description)] = None,
     pow2_scales: Annotated[Optional[str], typer.Option("--pow2-scales", help=_R["pow2_scales"].description)] = None,
+    act_format: Annotated[Optional[str], typer.Option("--act-format", help=_R["act_format"].description)] = None,
+    smoothquant_alpha: Annotated[Optional[float], typer.Option("--smoothquant-alpha", help=_R["smoothquant_alpha"].description)] = None,
+    search_fp: Annotated[bool, typer.Option("--search-fp", help="Same as --method fpsearch: per layer, the best exponent/mantissa "
+                                            "split of the minifloat --format's bit width and a clipping ratio (needs calibration).")] = False,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help=_R["target_bpw"].description)] = None,
     target_mb: Annotated[Optional[float], typer.Option("--target-mb", help=_R["target_mb"].description)] = None,
-    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq, awq, fpsearch and SmoothQuant: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Quantize MODEL's linear layers by a recipe and save the result as a run folder.
 
-    Calibrated methods (gptq) checkpoint every finished decoder block next to the output folder:
+    Calibrated methods (gptq, awq, fpsearch) checkpoint every finished decoder block next to the output folder:
     rerunning the same command after a kill resumes at the next unfinished block.
     """
     from weightwise.io.models import model_source_info
     from weightwise.quantize.api import quantize
     from weightwise.quantize.serialize import save
 
+    if search_fp and method not in (None, "fpsearch"):
+        raise WeightwiseError(f"--search-fp is the method fpsearch; drop --method {method} or --search-fp")
     recipe = _build(QuantRecipe, config, _given(format=format, group_size=group_size, granularity=granularity,
                                                 scale_dtype=scale_dtype, method=method, targets=targets, ignore=ignore, pad=pad,
                                                 lorc_rank=lorc_rank, pow2_scales=pow2_scales, target_bpw=target_bpw, target_mb=target_mb,
+                                                act_format=act_format, smoothquant_alpha=smoothquant_alpha,
                                                 calibration=CalibrationConfig.parse(calib).model_dump() if calib else None))
+    if search_fp and recipe.method.name != "fpsearch":  # keeps a YAML's fpsearch options when it names the method
+        recipe = validated(QuantRecipe, {**recipe.model_dump(), "method": "fpsearch"})
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
     checkpoint = output.parent / f".{output.name}.partial"
     with _progress(f"quantizing ({recipe.method.name}, {recipe.format})") as update:
@@ -146,6 +156,16 @@ def quantize_cmd(
     summary.add_row("bits/weight (quantized linears)", f"{size['bits_per_weight']:.3f}")
     summary.add_row("model size (MB)", f"{size['total_bytes'] / 1e6:.1f}")
     summary.add_row("quantize time (s)", f"{record['timings']['quantize_seconds']:.1f}")
+    if recipe.act_format:
+        summary.add_row("activations (simulated)", f"{recipe.act_format} per token")
+    searched: dict[str, int] = {}
+    for layer in record["layers"].values():
+        if "fp_search" in layer.get("diagnostics", {}):
+            choice = layer["diagnostics"]["fp_search"]
+            label = f"{choice['format']} clip {choice['clip_ratio']:g}"
+            searched[label] = searched.get(label, 0) + 1
+    if searched:
+        summary.add_row("fp search choices", ", ".join(f"{label} ×{n}" for label, n in sorted(searched.items())))
     if "plan" in record:
         plan = record["plan"]
         counts: dict[str, int] = {}
@@ -255,6 +275,227 @@ def _print_rows(rows: list[dict]) -> None:
         table.add_row(row["name"], fmt("bits_per_weight", ".3f"), f"{row['total_bytes'] / 1e6:.1f}", fmt("ppl", ".3f"),
                       fmt("kl_mean", ".4f"), fmt("top1_agreement", ".3f"), fmt("tokens_per_second", ".0f"))
     Console().print(table)
+
+
+_T = TuneConfig.model_fields
+
+
+@app.command("tune")
+def tune_cmd(
+    model: ModelArg = "default",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors or adapter/, metrics, manifest.json, checkpoints while running).")] = ...,
+    task: Annotated[Optional[str], typer.Option("--task", help=_T["task"].description)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=_T["method"].description)] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help=_T["density"].description)] = None,
+    rank_budget: Annotated[Optional[int], typer.Option("--rank-budget", help=_T["rank_budget"].description)] = None,
+    filter_rank: Annotated[Optional[int], typer.Option("--filter-rank", help=_T["filter_rank"].description)] = None,
+    randomized_svd: Annotated[Optional[bool], typer.Option("--randomized-svd/--exact-svd", help=_T["randomized_svd"].description)] = None,
+    refresh_every: Annotated[Optional[int], typer.Option("--refresh-every", help=_T["refresh_every"].description)] = None,
+    targets: Annotated[Optional[list[str]], typer.Option("--targets", help=_T["targets"].description)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=_T["lr"].description)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help=_T["warmup_steps"].description)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=_T["max_steps"].description)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help=_T["epochs"].description)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_T["batch_size"].description)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help=_T["grad_accum"].description)] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help=_T["max_length"].description)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help=_T["seed"].description)] = None,
+    train_examples: Annotated[Optional[int], typer.Option("--train-examples", help=_T["train_examples"].description)] = None,
+    test_examples: Annotated[Optional[int], typer.Option("--test-examples", help=_T["test_examples"].description)] = None,
+    test_task: Annotated[Optional[str], typer.Option("--test-task", help=_T["test_task"].description)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help=_T["lora_rank"].description)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_T["checkpoint_every"].description)] = None,
+    patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help=_T["patch_dtype"].description)] = None,
+    retention_max_tokens: Annotated[Optional[int], typer.Option("--retention-max-tokens", help=_T["retention_max_tokens"].description)] = None,
+    eval_before: Annotated[Optional[bool], typer.Option("--eval-before/--no-eval-before", help=_T["eval_before"].description)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run in OUT and start afresh (without it a finished run or another run's checkpoint is refused).")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when there is one, unless launched with --cpu), cpu or cuda.")] = "auto",
+    config: ConfigOpt = None,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch or a peft adapter.
+
+    Checkpoints every --checkpoint-every steps: rerunning the same command after a kill resumes and ends
+    with the same weights. Runs unchanged on N processes under `torchrun --nproc_per_node N -m weightwise.cli tune ...`
+    or `accelerate launch --multi_gpu --num_processes N -m weightwise.cli tune ...` (gloo with --device cpu or
+    without GPUs); `accelerate launch --cpu` starts several processes only through mpirun.
+    """
+    import os
+
+    from weightwise.io.models import model_source_info
+    from weightwise.tune.api import tune
+
+    cfg = _build(TuneConfig, config, _given(
+        task=task, method=method, density=density, rank_budget=rank_budget, filter_rank=filter_rank,
+        randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, lr=lr, warmup_steps=warmup_steps,
+        max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
+        train_examples=train_examples, test_examples=test_examples, test_task=test_task, lora_rank=lora_rank,
+        checkpoint_every=checkpoint_every, patch_dtype=patch_dtype, retention_max_tokens=retention_max_tokens,
+        eval_before=eval_before))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    out = console if main_process else Console(stderr=True, quiet=True)
+    if main_process:
+        model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
+    else:
+        from weightwise.io.models import load_model
+
+        model_obj, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise WeightwiseError(f"{model} has no tokenizer files; save the tokenizer with the model")
+    model_obj.to(_tune_device(device))
+    with _tune_progress(out, cfg.method) as update:
+        metrics = tune(model_obj, tokenizer, cfg, output, progress=update, overwrite=overwrite, source=model_source_info(model))
+    if main_process:
+        _print_tune_summary(output, metrics)
+
+
+def _tune_device(option: str):
+    """The device to train on: under a launcher, this process's GPU; --cpu launches and machines without one: the CPU."""
+    import os
+
+    import torch
+
+    if option not in ("auto", "cpu", "cuda"):
+        raise WeightwiseError(f"--device {option}: use auto, cpu or cuda")
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if option == "cpu" or (option == "auto" and (launched_on_cpu or not torch.cuda.is_available())):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise WeightwiseError("--device cuda: no GPU is visible; use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def _tune_progress(out: Console, method: str):
+    """A progress bar with loss, tokens/s and ETA; one printed line per checkpoint, resume and the last step."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[item]}"), console=out, transient=True,
+    ) as bar:
+        task = bar.add_task(f"tuning ({method})", total=None, item="")
+
+        last = {}
+
+        def update(phase: str, done: int, total: int, info: dict) -> None:
+            event = info.get("event")
+            if event == "resumed":
+                out.print(f"resumed from step {info['step']}")
+            elif event == "checkpoint":
+                out.print(f"{last.get('line', f'step {done}/{total}')} · checkpoint {info['path']}")
+            elif phase == "train" and "loss" in info:
+                last["line"] = f"step {done}/{total} loss {info['loss']:.4f} · {info['tokens_per_second']:.0f} tok/s"
+                bar.update(task, description=f"training ({method})", completed=done, total=total,
+                           item=last["line"].split(" ", 2)[2])
+                if "refresh" in info:
+                    out.print(f"step {done}: masks refreshed ({info['refresh']['kept']} kept, {info['refresh']['new']} new)")
+                if done == total:
+                    out.print(last["line"])
+            else:
+                bar.update(task, description=phase, completed=done, total=total if phase in ("train", "masks") else None, item="")
+
+        yield update
+
+
+def _print_tune_summary(output: Path, metrics: dict) -> None:
+    def pair(key: str, inner: str, spec: str) -> str:
+        values = [((metrics.get(side) or {}).get(key) or {}).get(inner) for side in ("before", "after")]
+        return " → ".join("–" if v is None else format(v, spec) for v in values)
+
+    train = metrics["train"]
+    summary = Table(show_header=False, title=f"{output}")
+    summary.add_row("method", metrics["method"])
+    summary.add_row("trained entries", f"{metrics['trained_entries']} ({100 * metrics['trained_fraction']:.2f} % of the targets)")
+    summary.add_row("optimizer state (MB)", f"{metrics['optimizer_state_bytes'] / 1e6:.2f}")
+    summary.add_row("steps", f"{train['steps']}" + (f" (resumed at {metrics['resumed_from_step']})" if metrics["resumed_from_step"] else ""))
+    summary.add_row("loss", "–" if train["loss_first"] is None else f"{train['loss_first']:.4f} → {train['loss_last']:.4f}")
+    summary.add_row("tokens/s", "–" if train["tokens_per_second"] is None else f"{train['tokens_per_second']:.0f}")
+    summary.add_row("exact match", pair("exact_match", "accuracy", ".3f"))
+    summary.add_row("retention ppl", pair("retention", "ppl", ".3f"))
+    summary.add_row("files", ", ".join(metrics["files"]))
+    Console().print(summary)
+
+
+patch_app = typer.Typer(help="Sparse weight patches: apply to a model, remove, compose, inspect.", no_args_is_help=True)
+app.add_typer(patch_app, name="patch")
+PatchArg = Annotated[Path, typer.Argument(help="A patch file (.safetensors) written by `weightwise tune` or `patch compose`.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Proceed even though the base model hashes differ.")]
+
+
+@patch_app.command("apply")
+def patch_apply_cmd(
+    model: ModelArg,
+    patch: PatchArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write (safetensors, config, tokenizer, undo record, manifest.json).")] = ...,
+    scale: Annotated[float, typer.Option("--scale", help="Multiply the patch's deltas by this factor (0 = base model, 1 = tuned model).")] = 1.0,
+    force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Write MODEL with PATCH added (× --scale) as a full model folder; a model the patch was not made for is refused."""
+    from weightwise.tune.patch import WeightPatch
+
+    loaded = WeightPatch.load(patch)
+    with console.status(f"applying {patch} to {model}"):
+        loaded.merge(model, output, scale=scale, force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    console.print(f"wrote [bold]{output}[/] ({sum(i.numel() for i, _ in loaded.entries.values())} entries × {scale:g})")
+
+
+@patch_app.command("remove")
+def patch_remove_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A folder written by `weightwise patch apply`.")],
+    patch: PatchArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model folder to write with the original weights.")] = ...,
+) -> None:
+    """Write the model MODEL_DIR was made from, bit-exact (from the undo record `patch apply` stored)."""
+    from weightwise.tune.patch import WeightPatch
+
+    with console.status(f"removing {patch} from {model_dir}"):
+        WeightPatch.load(patch).unmerge(model_dir, output)
+    console.print(f"wrote [bold]{output}[/] (original weights restored and verified)")
+
+
+@patch_app.command("compose")
+def patch_compose_cmd(
+    patches: Annotated[list[Path], typer.Argument(help="Two or more patch files.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Patch file to write (.safetensors).")] = ...,
+    scales: Annotated[Optional[list[float]], typer.Option("--scale", help="One factor per patch, in order (default 1 each).")] = None,
+    value_dtype: Annotated[Optional[str], typer.Option("--value-dtype", help="fp16, bf16, fp32 or int8 (default: the first patch's).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Sum several patches into one; entries at the same index are added and reported as overlaps."""
+    from weightwise.tune.patch import WeightPatch, compose
+
+    loaded = [WeightPatch.load(p) for p in patches]
+    result, report = compose(loaded, scales, force=force)
+    result.save(output, value_dtype or loaded[0].source["value_dtype"])
+    table = Table(title=f"{output}: {report['entries']} entries")
+    for column in ("tensor", "overlaps", "cancelled"):
+        table.add_column(column, justify="left" if column == "tensor" else "right")
+    for name, n in report["overlaps"].items():
+        if n:
+            table.add_row(name, str(n), str(report["cancelled"][name]))
+    table.add_row("total", str(report["total_overlaps"]), str(report["total_cancelled"]))
+    Console().print(table)
+
+
+@patch_app.command("info")
+def patch_info_cmd(patch: PatchArg) -> None:
+    """Tensors, entries, density, stored bytes, value dtype and metadata of a patch file."""
+    import json
+
+    from weightwise.tune.patch import patch_info
+
+    info = patch_info(patch)
+    table = Table(title=f"{patch}: {info['entries']} entries, density {info['density']:.4f}, {info['file_bytes']} bytes, "
+                        f"{info['value_dtype']} values")
+    for column in ("tensor", "shape", "entries", "density", "bytes"):
+        table.add_column(column, justify="left" if column in ("tensor", "shape") else "right")
+    for name, t in info["tensors"].items():
+        table.add_row(name, "×".join(map(str, t["shape"])), str(t["entries"]), f"{t['density']:.4f}", str(t["bytes"]))
+    out = Console(width=max(Console().width, 120))
+    out.print(table)
+    out.print_json(json.dumps({"sha256": info["sha256"], "fingerprint": info["fingerprint"], "metadata": info["metadata"]}))
 
 
 def main() -> None:

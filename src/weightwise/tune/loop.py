@@ -1,0 +1,216 @@
+"""The one training loop. Methods differ only by their hooks (methods.py); the loop owns the data order,
+gradient accumulation, the loss, the cross-process sum, clipping, the learning rate, mask refreshes and
+checkpoints.
+
+Data order: epoch e visits the examples in ``randperm(n, seed(e))`` order, cut into global batches of
+``batch_size × grad_accum``; the last partial batch of an epoch is dropped. The position in the data is
+therefore a function of the step, which is all a checkpoint needs to resume.
+
+Loss: cross-entropy on the answer tokens only (labels -100 elsewhere), summed, divided by the number of
+answer tokens of the whole global batch. Every process knows that count, so after summing gradients
+over micro-batches and processes the result is the gradient of the global batch's mean loss, whether one
+process runs batches of b or two run b/2 each (process r takes rows [r·b/w, (r+1)·b/w) of each micro-batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightwise.data.tasks import IGNORE_INDEX, collate
+from weightwise.errors import WeightwiseError
+from weightwise.tune.checkpoint import TuneCheckpoints, rng_state
+from weightwise.tune.comm import Comm
+from weightwise.tune.config import TuneConfig
+from weightwise.tune.methods import TuneMethod
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps a run takes over ``n_examples``."""
+
+    n_examples: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, n_examples: int, config: TuneConfig) -> Schedule:
+        global_batch = config.batch_size * config.grad_accum
+        steps_per_epoch = n_examples // global_batch
+        if steps_per_epoch == 0:
+            raise WeightwiseError(f"{n_examples} training examples do not fill one global batch of {global_batch} "
+                                  "(batch_size × grad_accum): use more examples or a smaller batch")
+        total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+        return cls(n_examples, global_batch, steps_per_epoch, total)
+
+    def position(self, step: int) -> dict:
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "batch": batch}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch ``epoch`` visits ``n`` examples (a pure function of seed and epoch)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(n, generator=generator)
+
+
+def global_batch(step: int, schedule: Schedule, seed: int) -> list[int]:
+    """Example indices of the global batch of optimizer step ``step``."""
+    position = schedule.position(step)
+    order = epoch_order(schedule.n_examples, seed, position["epoch"])
+    start = position["batch"] * schedule.global_batch
+    return order[start : start + schedule.global_batch].tolist()
+
+
+def learning_rate(step: int, config: TuneConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then constant."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
+    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``; returns the norm before."""
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    if max_norm is not None and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def answer_token_count(example: dict) -> int:
+    """Tokens whose loss is taken: labelled positions after the first (position 0 is never predicted)."""
+    return int((example["labels"][1:] != IGNORE_INDEX).sum())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of the labelled next-token predictions of one micro-batch (fp32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def train(
+    model: nn.Module,
+    method: TuneMethod,
+    examples: list[dict[str, torch.Tensor]],
+    config: TuneConfig,
+    *,
+    pad_token_id: int,
+    start_step: int = 0,
+    comm: Comm | None = None,
+    checkpoints: TuneCheckpoints | None = None,
+    checkpoint_info: dict | None = None,
+    on_step: StepCallback | None = None,
+    on_checkpoint: Callable[[int, str], None] | None = None,
+) -> dict:
+    """Run optimizer steps ``start_step`` .. end on ``model`` (prepared by ``method``); returns a summary.
+
+    ``on_step(record)`` receives each step's metrics (step, total, loss, lr, grad_norm, data position, tokens,
+    tokens_per_second, step_seconds, peak_rss_mb, and the refresh counts when the masks moved);
+    ``on_checkpoint(step, path)`` follows each checkpoint, written by process 0 with ``checkpoint_info``
+    besides the method's state.
+    """
+    comm = comm or Comm()
+    schedule = Schedule.of(len(examples), config)
+    if config.batch_size % comm.world:
+        raise WeightwiseError(f"batch_size {config.batch_size} does not split over {comm.world} processes: "
+                              "use a multiple of the process count")
+    per_rank = config.batch_size // comm.world
+    device = next(model.parameters()).device
+    counts = [answer_token_count(ex) for ex in examples]
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if comm.world > 1:
+        comm.broadcast(method.trainable_tensors())
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    total_tokens = 0
+    was_training = model.training
+    model.train()
+    try:
+        for step in range(start_step, schedule.total_steps):
+            started = time.perf_counter()
+            indices = global_batch(step, schedule, config.seed)
+            n_answer = max(1, sum(counts[i] for i in indices))
+            loss = torch.zeros(1, dtype=torch.float32, device=device)
+            for micro in range(config.grad_accum):
+                rows = indices[micro * config.batch_size : (micro + 1) * config.batch_size]
+                shard = rows[comm.rank * per_rank : (comm.rank + 1) * per_rank]
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in shard], pad_token_id).items()}
+                nll = micro_loss(model, batch)
+                (nll / n_answer).backward()
+                loss += nll.detach() / n_answer
+            grads = method.gradients()
+            comm.all_reduce_sum([*grads, loss])
+            grad_norm = clip_(grads, config.max_grad_norm)
+            lr = learning_rate(step, config)
+            method.step(lr)
+            method.zero_grad()
+            done = step + 1
+            record = {"step": done, "total": schedule.total_steps, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
+                      **schedule.position(step)}
+            if config.refresh_every and done % config.refresh_every == 0 and done < schedule.total_steps:
+                refreshed = method.refresh(done // config.refresh_every)
+                if refreshed is not None:
+                    record["refresh"] = refreshed
+                    if not comm.identical(list(method.state()["tensors"].values())):
+                        raise RuntimeError(f"the processes hold different masks after the refresh at step {done}")
+            seconds = time.perf_counter() - started
+            tokens = sum(lengths[i] for i in indices)
+            total_tokens += tokens
+            losses.append(record["loss"])
+            step_seconds.append(seconds)
+            record.update(tokens=tokens, tokens_per_second=tokens / seconds, step_seconds=seconds, peak_rss_mb=peak_rss_mb())
+            if not math.isfinite(record["loss"]):
+                raise WeightwiseError(f"the loss became {record['loss']} at step {done}: lower --lr or check the data")
+            if on_step is not None:
+                on_step(record)  # before the checkpoint: a resumed run's log keeps every step up to its checkpoint
+            if checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                    and done < schedule.total_steps:
+                if comm.is_main:
+                    info = {**(checkpoint_info or {}), "data_position": schedule.position(done)}
+                    path = checkpoints.save(done, method.state(), rng_state(device), info)
+                    if on_checkpoint is not None:
+                        on_checkpoint(done, str(path))
+                comm.barrier()
+    finally:
+        model.train(was_training)
+    if not comm.identical(list(method.state()["tensors"].values())):
+        raise RuntimeError("the processes ended with different trained weights, masks or optimizer states")
+    seconds = sum(step_seconds)
+    return {
+        "steps": schedule.total_steps,
+        "steps_run": len(losses),
+        "start_step": start_step,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "global_batch": schedule.global_batch,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "tokens": total_tokens,
+        "seconds": seconds,
+        "tokens_per_second": total_tokens / seconds if seconds else None,
+        "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }

@@ -1,0 +1,389 @@
+"""Fine-tuning methods as hooks of the one training loop (loop.py): a registry name → class.
+
+Every method trains the same targets (by default the Linear layers of the decoder blocks; embeddings,
+norms and lm_head stay frozen) and offers the same hooks:
+
+- ``prepare(model, targets, resume)`` freezes the model, makes the trained tensors trainable, builds the
+  optimizer (from a checkpoint's tensors when ``resume`` is given) and returns the module to run;
+- ``gradients()`` the gradients of one optimizer step (the loop sums them over processes and clips them);
+- ``step(lr)`` / ``zero_grad()``; ``refresh(index)`` (sparse methods: recompute the masks);
+- ``state()`` / the ``resume`` argument: everything a checkpoint needs to continue bit for bit;
+- ``save_result(out_dir, metadata, patch_dtype)``: a sparse weight patch, or a peft adapter.
+
+Sparse methods (lift, magnitude, random) keep Adam moments for the k masked entries only (SparseAdam);
+full fine-tuning uses AdamW on every targeted weight; lora, dora and pissa wrap the model with peft.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from weightwise.errors import WeightwiseError
+from weightwise.tune.comm import Comm
+from weightwise.tune.config import TuneConfig
+from weightwise.tune.lift import MASK_FUNCTIONS, budget_k
+
+logger = logging.getLogger(__name__)
+
+PATCH_FILE = "patch.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def mask_seed(seed: int, refresh_index: int, layer_index: int) -> int:
+    """Seed of the random mask of one layer at one refresh: a pure function of the run's seed, so a
+    resumed run draws the masks an uninterrupted one would."""
+    return (seed * 1_000_003 + refresh_index * 10_007 + layer_index) % (2**63)
+
+
+def extend_union(indices: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add ``mask`` to the sorted flat ``indices`` ever trained, whose base values are ``base``.
+
+    Entries new to the union were never trained, so their current value in ``weight`` is still the base value.
+    """
+    union = torch.cat([indices, mask]).unique(sorted=True)
+    new = ~torch.isin(union, indices)
+    values = torch.empty(union.numel(), dtype=base.dtype, device=base.device)
+    values[~new] = base
+    values[new] = weight.detach().reshape(-1)[union[new]]
+    return union, values
+
+
+class TuneMethod(ABC):
+    """The hooks the loop calls; see the module docstring."""
+
+    name: str = ""
+
+    def __init__(self, config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None):
+        self.config = config
+        self.comm = comm or Comm()
+        self.progress = progress  # (done, total) while the method prepares layer by layer (sparse masks)
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], resume: dict | None = None) -> nn.Module:
+        """Freeze ``model``, make the trained tensors trainable, build the optimizer (restored from ``resume``,
+        a checkpoint of :meth:`state`); returns the module the loop runs."""
+
+    @abstractmethod
+    def gradients(self) -> list[torch.Tensor]:
+        """This step's gradients, after the backward passes; the loop sums them over processes and clips them in place."""
+
+    @abstractmethod
+    def step(self, lr: float) -> None:
+        """One optimizer update at learning rate ``lr``."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Clear the gradients for the next step."""
+
+    def refresh(self, index: int) -> dict | None:
+        """Recompute what is trained (sparse masks); None when the method has nothing to refresh."""
+        return None
+
+    @abstractmethod
+    def state(self) -> dict:
+        """Checkpoint content: tensors (safetensors) and JSON scalars, ``prepare(..., resume=state)`` restores it."""
+
+    @abstractmethod
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        """The tensors that are trained, made identical on every process before the first step."""
+
+    @abstractmethod
+    def trained_entries(self) -> int:
+        """Entries trained now (masked entries, every targeted entry, or adapter parameters)."""
+
+    @abstractmethod
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state (moments, and mask indices for sparse methods)."""
+
+    @abstractmethod
+    def save_result(self, out_dir: Path, metadata: dict, patch_dtype: str) -> list[str]:
+        """Write the result into ``out_dir``; returns the names written."""
+
+
+# --- sparse methods: lift, magnitude, random ------------------------------------------------------
+
+
+class SparseMethod(TuneMethod):
+    """Train k entries per targeted matrix, chosen by ``MASK_FUNCTIONS[name]``, with SparseAdam.
+
+    The entries ever trained (the union of all masks so far) are tracked with their base values, so
+    the result patch is exact without a copy of the base weights.
+    """
+
+    def prepare(self, model, targets, resume=None):
+        from weightwise.tune.optim import SparseAdam
+
+        freeze(model)
+        self.params = {name: module.weight for name, module in targets.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        if resume is None:
+            masks = self._masks(0)
+            self.touched = {name: (idx, self.params[name].detach().view(-1)[idx].clone()) for name, idx in masks.items()}
+        else:
+            tensors = resume["tensors"]
+            masks = {name: tensors[f"optim.{name}.indices"] for name in self.params}
+            self.touched = {}
+            for name, p in self.params.items():
+                idx = tensors[f"touched.{name}"].to(p.device)
+                flat = p.detach().view(-1)
+                self.touched[name] = (idx, flat[idx].clone())
+                flat[idx] = tensors[f"value.{name}"].to(device=p.device, dtype=p.dtype)
+        self.optimizer = SparseAdam(self.params, masks, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        if resume is not None:
+            optim = {key.removeprefix("optim."): value for key, value in {**resume["tensors"], **resume["scalars"]}.items()
+                     if key.startswith("optim.")}
+            self.optimizer.load_state_dict(optim)
+        self.optimizer.attach_hooks()
+        return model
+
+    def _masks(self, refresh_index: int) -> dict[str, torch.Tensor]:
+        """Masks from the current weights, computed on process 0 and broadcast (identical everywhere)."""
+        fn = MASK_FUNCTIONS[self.name]
+        masks = {}
+        for i, (name, p) in enumerate(self.params.items()):
+            k = budget_k(tuple(p.shape), **self.config.budget)
+            if self.comm.is_main:
+                generator = torch.Generator().manual_seed(mask_seed(self.config.seed, refresh_index, i))
+                masks[name] = fn(p.detach(), k, filter_rank=self.config.filter_rank, randomized=self.config.randomized_svd,
+                                 generator=generator).to(p.device)
+            else:
+                masks[name] = torch.empty(k, dtype=torch.long, device=p.device)
+            if self.progress is not None:
+                self.progress(i + 1, len(self.params))
+        self.comm.broadcast(list(masks.values()))
+        return masks
+
+    def refresh(self, index):
+        masks = self._masks(index)
+        totals = {"kept": 0, "new": 0, "dropped": 0}
+        for name, idx in masks.items():
+            counts = self.optimizer.remask(name, idx)
+            for key in totals:
+                totals[key] += counts[key]
+            self.touched[name] = extend_union(*self.touched[name], idx, self.params[name])
+        return totals
+
+    def gradients(self):
+        return list(self.optimizer.grad_buffers().values())
+
+    def step(self, lr):
+        self.optimizer.lr = lr
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()
+
+    def state(self):
+        tensors, scalars = {}, {}
+        for name, p in self.params.items():
+            idx = self.touched[name][0]
+            tensors[f"touched.{name}"] = idx
+            tensors[f"value.{name}"] = p.detach().view(-1)[idx]
+        for key, value in self.optimizer.state_dict().items():
+            (tensors if isinstance(value, torch.Tensor) else scalars)[f"optim.{key}"] = value
+        return {"tensors": tensors, "scalars": scalars}
+
+    def trainable_tensors(self):
+        return [p.data for p in self.params.values()]
+
+    def trained_entries(self):
+        return sum(idx.numel() for idx in self.optimizer.masks.values())
+
+    def ever_trained(self) -> dict[str, torch.Tensor]:
+        """Flat indices of every entry trained so far (the union of the masks), per weight."""
+        return {name: idx for name, (idx, _) in self.touched.items()}
+
+    def optimizer_state_bytes(self):
+        return self.optimizer.state_bytes()
+
+    def save_result(self, out_dir, metadata, patch_dtype):
+        from weightwise.tune.patch import WeightPatch
+
+        entries, shapes = {}, {}
+        for name, p in self.params.items():
+            idx, base = self.touched[name]
+            delta = p.detach().view(-1)[idx].float() - base.float()
+            changed = delta != 0
+            entries[f"{name}.weight"] = (idx[changed].cpu(), delta[changed].cpu())
+            shapes[f"{name}.weight"] = tuple(p.shape)
+        WeightPatch(entries=entries, shapes=shapes, metadata=metadata).save(out_dir / PATCH_FILE, value_dtype=patch_dtype)
+        return [PATCH_FILE]
+
+
+class LiftMethod(SparseMethod):
+    name = "lift"
+
+
+class MagnitudeMethod(SparseMethod):
+    name = "magnitude"
+
+
+class RandomMethod(SparseMethod):
+    name = "random"
+
+
+# --- dense optimizers: full fine-tuning and the peft adapters ---------------------------------------
+
+
+class _AdamWMethod(TuneMethod):
+    """Shared by full and LoRA: torch AdamW over ``self.params`` (name → parameter)."""
+
+    def _build_optimizer(self, resume: dict | None) -> None:
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr,
+                                           weight_decay=self.config.weight_decay, foreach=False)
+        if resume is not None:
+            tensors = resume["tensors"]
+            for name, p in self.params.items():
+                with torch.no_grad():
+                    p.copy_(tensors[f"value.{name}"].to(device=p.device, dtype=p.dtype))
+            state = self.optimizer.state_dict()
+            state["state"] = {
+                i: {key: tensors[f"optim.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+                for i, name in enumerate(self.params) if f"optim.{name}.step" in tensors
+            }
+            self.optimizer.load_state_dict(state)
+
+    def gradients(self):
+        grads = []
+        for p in self.params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        return grads
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state(self):
+        tensors = {f"value.{name}": p.detach() for name, p in self.params.items()}
+        by_index = self.optimizer.state_dict()["state"]
+        for i, name in enumerate(self.params):
+            for key, value in by_index.get(i, {}).items():
+                tensors[f"optim.{name}.{key}"] = value
+        return {"tensors": tensors, "scalars": {}}
+
+    def trainable_tensors(self):
+        return [p.data for p in self.params.values()]
+
+    def trained_entries(self):
+        return sum(p.numel() for p in self.params.values())
+
+    def optimizer_state_bytes(self):
+        return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+
+
+class FullMethod(_AdamWMethod):
+    """Every entry of the targeted weights (the decoder blocks' linears by default), AdamW; the result is
+    a dense patch (every changed entry), kept against a copy of the base weights."""
+
+    name = "full"
+
+    def prepare(self, model, targets, resume=None):
+        freeze(model)
+        self.params = {name: module.weight for name, module in targets.items()}
+        self.base = {name: p.detach().clone() for name, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self._build_optimizer(resume)
+        return model
+
+    def save_result(self, out_dir, metadata, patch_dtype):
+        from weightwise.tune.patch import WeightPatch
+
+        base = {f"{name}.weight": w for name, w in self.base.items()}
+        tuned = {f"{name}.weight": p.detach() for name, p in self.params.items()}
+        WeightPatch.from_models(base, tuned, metadata).save(out_dir / PATCH_FILE, value_dtype=patch_dtype)
+        return [PATCH_FILE]
+
+
+class LoraMethod(_AdamWMethod):
+    """peft LoRA on the targeted Linear layers; ``variant`` dora (weight-decomposed) or pissa (adapters
+    initialised from the principal singular vectors, the base keeping the residual).
+
+    The result is a standard peft adapter folder. A PiSSA adapter is converted on save into a LoRA
+    (of twice the rank) that applies to the original base weights, so any peft user can load it.
+    """
+
+    name = "lora"
+
+    def prepare(self, model, targets, resume=None):
+        from peft import LoraConfig, get_peft_model
+
+        freeze(model)
+        lora = LoraConfig(
+            r=self.config.resolved_lora_rank, lora_alpha=self.config.resolved_lora_alpha,
+            lora_dropout=self.config.lora_dropout, target_modules=list(targets), use_dora=self.name == "dora",
+            init_lora_weights="pissa" if self.name == "pissa" else True,
+        )
+        self.model = get_peft_model(model, lora)
+        self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.initial = {name: p.detach().clone() for name, p in self.params.items()} if self.name == "pissa" else None
+        self._build_optimizer(resume)
+        return self.model
+
+    def save_result(self, out_dir, metadata, patch_dtype):
+        target = out_dir / ADAPTER_DIR
+        if self.initial is None:
+            self.model.save_pretrained(target)
+            return [ADAPTER_DIR]
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # the conversion loads the initial adapter beside the trained one, and peft warns about its own step
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            self._save_initial_adapter(Path(tmp) / "initial")
+            self.model.save_pretrained(target, path_initial_model_for_weight_conversion=str(Path(tmp) / "initial"))
+        return [ADAPTER_DIR]
+
+    @torch.no_grad()
+    def _save_initial_adapter(self, path: Path) -> None:
+        """The PiSSA adapter as initialised (peft converts the trained one against it)."""
+        trained = {name: p.detach().clone() for name, p in self.params.items()}
+        adapter = self.model.peft_config["default"]
+        init = adapter.init_lora_weights
+        try:
+            for name, p in self.params.items():
+                p.copy_(self.initial[name])
+            adapter.init_lora_weights = True
+            self.model.save_pretrained(path)
+        finally:
+            adapter.init_lora_weights = init
+            for name, p in self.params.items():
+                p.copy_(trained[name])
+
+
+class DoraMethod(LoraMethod):
+    name = "dora"
+
+
+class PissaMethod(LoraMethod):
+    name = "pissa"
+
+
+METHODS: dict[str, type[TuneMethod]] = {
+    cls.name: cls for cls in (LiftMethod, MagnitudeMethod, RandomMethod, FullMethod, LoraMethod, DoraMethod, PissaMethod)
+}
+
+
+def make_method(config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None) -> TuneMethod:
+    try:
+        return METHODS[config.method](config, comm, progress)
+    except KeyError:
+        raise WeightwiseError(f"unknown method '{config.method}' (known: {', '.join(METHODS)})") from None
