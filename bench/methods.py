@@ -3,7 +3,7 @@
 Each named recipe is quantized and evaluated against the fp32 source in one harness (perplexity, KL,
 top-1 agreement on the pydoc eval split). Rows are appended to the JSON as soon as they are measured,
 so a long run can be continued: rerunning skips recipes whose row is already in the file with the
-same recipe and settings (``--fresh`` starts over).
+same recipe and settings (``--fresh`` measures them again).
 
     .venv/bin/python bench/methods.py --max-tokens 8192                  # every recipe (hours on 2 cores)
     .venv/bin/python bench/methods.py --max-tokens 8192 --only gptq-int3-g64 plan-3.0
@@ -71,19 +71,25 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens scored per model (default: whole eval split)")
     parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/methods.json"))
-    parser.add_argument("--fresh", action="store_true", help="ignore rows already in --out")
+    parser.add_argument("--fresh", action="store_true", help="measure the requested recipes again even when --out holds their rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = EvalConfig(max_tokens=1024 if args.quick else args.max_tokens)
     names = QUICK if args.quick else (args.only or list(RECIPES))
     recipes = {name: QuantRecipe(**RECIPES[name]) for name in names}
 
-    saved = {} if args.fresh or not args.out.exists() else json.loads(args.out.read_text())
-    same_settings = saved.get("settings") == config.model_dump() and saved.get("quick") == args.quick
-    rows = {r["name"]: r for r in saved.get("rows", [])} if same_settings else {}
+    def saved_rows() -> dict[str, dict]:
+        """Rows already in --out measured with the same settings (re-read before each write, so that
+        several runs with different --only lists can share one file)."""
+        saved = json.loads(args.out.read_text()) if args.out.exists() else {}
+        same_settings = saved.get("settings") == config.model_dump() and saved.get("quick") == args.quick
+        return {r["name"]: r for r in saved.get("rows", [])} if same_settings else {}
+
+    rows = {} if args.fresh else saved_rows()
     todo = [n for n in names if n not in rows or rows[n].get("recipe") != recipes[n].model_dump(mode="json")]
 
     def save(row: dict) -> None:
+        rows.update(saved_rows())
         rows[row["name"]] = row
         write_json_atomic(args.out, {"settings": config.model_dump(), "quick": args.quick,
                                      "versions": environment_versions(), "rows": list(rows.values())})

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_model
 from weightwise.quantize.methods.gptq import gptq, output_error
-from weightwise.quantize.planning import PlanCandidate, layer_candidates
+from weightwise.formats.quantizer import dequantize
+from weightwise.quantize.planning import PlanCandidate, anchor_spec, layer_candidates, method_gain, round_to_nearest
 from weightwise.quantize.sensitivity import output_gradient_moments
 
 
@@ -51,21 +52,23 @@ def test_row_weights_weight_each_output_channels_error():
     assert output_error(w, approx, h, weights) == pytest.approx(sum(float(a) * b for a, b in zip(weights, per_row)))
 
 
-def test_gptq_aware_candidates_predict_no_more_error_than_rtn():
+def test_gptq_gain_scales_every_candidate_of_a_layer():
     torch.manual_seed(0)
     weight = torch.randn(16, 64)
     x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)  # uneven channel scales, correlated through a mix
     x = x @ (torch.eye(64) + 0.3 * torch.randn(64, 64))
     hessian = x.T @ x / 256
-    cands = [PlanCandidate(format="int3", group_size=32), PlanCandidate(format="int2_asym", group_size=32)]
+    cands = [PlanCandidate(format="int2_asym", group_size=32), PlanCandidate(format="int3", group_size=32)]
 
     def by_gptq(w, spec, h):
-        from weightwise.formats.quantizer import dequantize
-
         return dequantize(gptq(w, spec, h)[0])
 
+    anchor = anchor_spec(weight, cands, False, "none")
+    assert anchor.format == "int3"
+    gain = method_gain(weight, hessian, anchor, by_gptq)
+    assert 0 < gain < 1
+    assert method_gain(weight, hessian, anchor, round_to_nearest) == pytest.approx(1.0)
     rtn = layer_candidates(weight, hessian, cands, False, "none", "fp16")
-    aware = layer_candidates(weight, hessian, cands, False, "none", "fp16", approximate=by_gptq)
-    assert [c.bits for c in rtn] == [c.bits for c in aware]
-    for r, a in zip(rtn, aware):
-        assert a.error < r.error
+    scaled = layer_candidates(weight, hessian, cands, False, "none", "fp16", gain=gain)
+    assert [c.bits for c in rtn] == [c.bits for c in scaled]
+    assert [c.error for c in scaled] == pytest.approx([gain * c.error for c in rtn])

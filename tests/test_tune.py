@@ -292,17 +292,7 @@ def test_output_folder_rules(toy_task, tmp_path):
 # --- the CLI ---------------------------------------------------------------------------------------
 
 
-def run_cli(capsys, monkeypatch, *args):
-    from weightwise.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["weightwise", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_cli import run_cli  # noqa: E402
 
 
 def test_cli_tune_writes_the_run_and_log_lines(capsys, monkeypatch, tiny_dir, toy_task, tmp_path):

@@ -20,7 +20,7 @@ from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.quantize.calibration import calibration_tokens, layer_sequential
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
-from weightwise.quantize.planning import plan_layers, plan_summary, round_to_nearest
+from weightwise.quantize.planning import plan_layers, plan_summary
 from weightwise.quantize.sensitivity import output_gradient_moments
 from weightwise.quantize.methods import run_method
 from weightwise.quantize.qlinear import QuantizedLinear
@@ -200,17 +200,17 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
                                               tokens[: recipe.plan_gradient_samples])
     result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
                                   target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
-                                  lorc_dtype=recipe.lorc_dtype, approximate=_planning_approximation(recipe),
+                                  lorc_dtype=recipe.lorc_dtype, method=_planning_method(recipe),
                                   row_weights=row_weights)
     n_params = sum(w.numel() for w in weights.values())
     return {"target_bpw": recipe.target_bpw, "target_mb": recipe.target_mb, **plan_summary(result, n_params)}, choices
 
 
-def _planning_approximation(recipe: QuantRecipe):
-    """What the planner measures each candidate with: the recipe's own method when it works one layer at a
-    time from the layer's Hessian (rtn, gptq), else round-to-nearest."""
+def _planning_method(recipe: QuantRecipe):
+    """The method whose gain over round-to-nearest the planner measures per layer: GPTQ (needs only the
+    layer's Hessian); None for the others (scored as round-to-nearest)."""
     if recipe.method.name != "gptq":
-        return round_to_nearest
+        return None
     return lambda weight, spec, hessian: dequantize(run_method(recipe.method, weight, spec, {"hessian": hessian})[0])
 
 

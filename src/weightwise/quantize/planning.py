@@ -1,7 +1,8 @@
 """Mixed precision under a size budget: measure each layer's sensitivity to each candidate setting
-(the Hessian-weighted output error tr((W−Ŵ) H (W−Ŵ)ᵀ) of the weights the recipe's method would
-produce — round-to-nearest or GPTQ — with LoRC when the candidate has a rank, optionally weighted
-per output channel by the loss gradient's second moment so that layers compare), then let the
+(the Hessian-weighted output error tr((W−Ŵ) H (W−Ŵ)ᵀ) of round-to-nearest, with LoRC when the
+candidate has a rank, scaled per layer by the recipe method's measured gain over round-to-nearest
+(GPTQ), and optionally weighted per output channel by the loss gradient's second moment so that
+layers compare), then let the
 integer program of ``planner`` choose one candidate per layer."""
 
 from __future__ import annotations
@@ -73,28 +74,54 @@ def round_to_nearest(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tenso
 
 
 def layer_candidates(weight: torch.Tensor, hessian: torch.Tensor, candidates, pad: bool, pow2_scales: str,
-                     lorc_dtype: str, approximate: Approximation = round_to_nearest,
-                     row_weights: torch.Tensor | None = None) -> list[Candidate]:
+                     lorc_dtype: str, row_weights: torch.Tensor | None = None, gain: float = 1.0) -> list[Candidate]:
     """Stored bits and predicted output error of ``weight`` under each candidate that fits its shape.
 
-    ``approximate(weight, spec, hessian)`` gives the dequantized weight the quantization method would
-    store; ``row_weights`` weight the output channels' errors (see ``output_error``).
+    Round-to-nearest stands in for the method; ``row_weights`` weight the output channels' errors (see
+    ``output_error``); every error is multiplied by ``gain`` (see ``method_gain``).
     """
     out = []
+    for cand, spec in fitting_candidates(weight, candidates, pad, pow2_scales):
+        approx = round_to_nearest(weight, spec, hessian)
+        bits = storage_bits(tuple(weight.shape), spec)
+        if cand.lorc_rank:
+            factors = low_rank_compensation(weight - approx, cand.lorc_rank, lorc_dtype)
+            approx, bits = approx + factors.delta(), bits + factors.stored_bits()
+        error = gain * output_error(weight, approx, hessian, row_weights)
+        out.append(Candidate(cand.label, bits, error, {"candidate": cand}))
+    return out
+
+
+def fitting_candidates(weight: torch.Tensor, candidates, pad: bool, pow2_scales: str) -> list[tuple[PlanCandidate, QuantSpec]]:
+    """The candidates (with their specs) whose group size divides the layer's rows."""
+    fitting = []
     for cand in candidates:
         spec = cand.spec(pad, pow2_scales)
         try:
             group_layout(tuple(weight.shape), spec)
         except WeightwiseError:
-            continue  # this group size does not divide the layer's rows
-        approx = approximate(weight, spec, hessian)
-        bits = storage_bits(tuple(weight.shape), spec)
-        if cand.lorc_rank:
-            factors = low_rank_compensation(weight - approx, cand.lorc_rank, lorc_dtype)
-            approx, bits = approx + factors.delta(), bits + factors.stored_bits()
-        error = output_error(weight, approx, hessian, row_weights)
-        out.append(Candidate(cand.label, bits, error, {"candidate": cand}))
-    return out
+            continue
+        fitting.append((cand, spec))
+    return fitting
+
+
+def anchor_spec(weight: torch.Tensor, candidates, pad: bool, pow2_scales: str) -> QuantSpec:
+    """The setting a layer's method gain is measured at: the first 3-bit candidate that fits, else the first that fits."""
+    fitting = [spec for _, spec in fitting_candidates(weight, candidates, pad, pow2_scales)]
+    if not fitting:
+        raise WeightwiseError("no planner candidate fits a layer: add candidates whose group size divides its rows")
+    return next((spec for spec in fitting if spec.format.startswith("int3")), fitting[0])
+
+
+def method_gain(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, method: Approximation) -> float:
+    """Output error of ``method`` relative to round-to-nearest's at ``spec`` (e.g. ≈ 0.3 for GPTQ at 3 bits).
+
+    Running an expensive method (GPTQ) for every candidate of every layer costs minutes per layer on a
+    CPU; measuring its gain once per layer and scaling the round-to-nearest errors of all candidates by it
+    keeps the planner's ranking of layers method-aware at the cost of one method run per layer.
+    """
+    rtn = output_error(weight, round_to_nearest(weight, spec, hessian), hessian)
+    return 1.0 if rtn == 0 else output_error(weight, method(weight, spec, hessian), hessian) / rtn
 
 
 def plan_layers(
@@ -108,14 +135,20 @@ def plan_layers(
     pad: bool,
     pow2_scales: str,
     lorc_dtype: str,
-    approximate: Approximation = round_to_nearest,
+    method: Approximation | None = None,
     row_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Plan, dict[str, tuple[QuantSpec, int]]]:
-    """The optimal plan and, per layer, its (spec, LoRC rank)."""
+    """The optimal plan and, per layer, its (spec, LoRC rank).
+
+    Candidates are scored by round-to-nearest; with ``method`` (e.g. GPTQ) each layer's errors are scaled by
+    that method's gain measured at the layer's anchor setting (``method_gain``).
+    """
     row_weights = row_weights or {}
-    options = {name: layer_candidates(w, hessians[name], candidates, pad, pow2_scales, lorc_dtype, approximate,
-                                      row_weights.get(name))
-               for name, w in weights.items()}
+    options = {}
+    for name, w in weights.items():
+        gain = 1.0 if method is None else method_gain(w, hessians[name], anchor_spec(w, candidates, pad, pow2_scales), method)
+        options[name] = layer_candidates(w, hessians[name], candidates, pad, pow2_scales, lorc_dtype,
+                                         row_weights=row_weights.get(name), gain=gain)
     empty = [name for name, cands in options.items() if not cands]
     if empty:
         raise WeightwiseError(f"no planner candidate fits layer {empty[0]}: add candidates whose group size divides its rows")
