@@ -2,7 +2,6 @@
 resuming an interrupted run in-process, output-folder rules and the CLI, all on a tiny Llama and a toy task."""
 
 import json
-import sys
 
 import pytest
 import torch

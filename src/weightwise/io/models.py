@@ -1,5 +1,6 @@
 """Load a causal LM and its tokenizer from "default", a .gguf file, a local folder, a weightwise
-quantized-model folder or a hub id already in the local Hugging Face cache (never downloads).
+quantized-model folder or a hub id already in the local Hugging Face cache (never downloads), or
+the embedded encoder "minilm" (all-MiniLM-L6-v2, loaded as a base model: no LM head).
 
 A GGUF file is dequantized to fp32 once and cached as safetensors under
 ``cache_dir()/gguf/<sha256>/``; later loads read the cache.
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -46,7 +48,7 @@ from weightwise.io.artifacts import (
     read_manifest,
     write_json_atomic,
 )
-from weightwise.io.defaults import DEFAULT_MODEL_NAME, default_gguf_path
+from weightwise.io.defaults import DEFAULT_MODEL_NAME, MINILM_MODEL_NAME, default_gguf_path, minilm_path
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ _PICKLE_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 @dataclass(frozen=True)
 class _Source:
-    kind: str  # "gguf" | "folder" | "hub" | "quantized-model"
+    kind: str  # "gguf" | "folder" | "hub" | "quantized-model" | "encoder" (a base model such as BertModel)
     path: Path  # the .gguf file or the folder (for "hub": the snapshot folder in the HF cache)
 
 
@@ -79,8 +81,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load ``(model, tokenizer)``, the model in eval mode.
 
-    ``source``: "default", a .gguf file, a folder with config.json + weights, a weightwise
-    quantized-model folder, or a hub id in the local HF cache. The tokenizer is None when a folder
+    ``source``: "default", "minilm" (an AutoModel: BertModel), a .gguf file, a folder with config.json
+    + weights, a weightwise quantized-model folder, or a hub id in the local HF cache. The tokenizer is None when a folder
     has no tokenizer files. Pickled weights (.bin/.pt) load only with ``allow_pickle=True`` and
     then only through ``torch.load(weights_only=True)``. ``dtype`` does not apply to
     quantized-model folders.
@@ -99,7 +101,8 @@ def load_model(
         tokenizer = _load_folder_tokenizer(folder, trust_remote_code=False)
     else:
         model = _load_folder_model(
-            src.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype
+            src.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype,
+            encoder=src.kind == "encoder",
         )
         tokenizer = _load_folder_tokenizer(src.path, trust_remote_code=trust_remote_code)
     _check_finite(model, src.path)
@@ -123,8 +126,8 @@ def model_source_info(source: str | os.PathLike = "default") -> dict[str, Any]:
     """What a manifest records about a model source: kind, given source, resolved path, weights sha256."""
     src = _resolve(source)
     info: dict[str, Any] = {"kind": src.kind, "source": os.fspath(source), "path": str(src.path)}
-    if source == "default":
-        info["name"] = DEFAULT_MODEL_NAME
+    if source in _ALIASES:
+        info["name"] = _ALIASES[source]
     info["sha256"] = _gguf_sha256(src.path) if src.kind == "gguf" else _folder_weights_sha256(src.path)
     return info
 
@@ -132,9 +135,14 @@ def model_source_info(source: str | os.PathLike = "default") -> dict[str, Any]:
 # --- resolving a source -------------------------------------------------------------------------
 
 
+_ALIASES = {"default": DEFAULT_MODEL_NAME, "minilm": MINILM_MODEL_NAME}  # embedded models by short name
+
+
 def _resolve(source: str | os.PathLike) -> _Source:
     if isinstance(source, str) and source == "default":
         return _Source("gguf", default_gguf_path())
+    if isinstance(source, str) and source == "minilm":
+        return _Source("encoder", minilm_path())
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file() and read_manifest(path)["kind"] == QUANTIZED_MODEL_KIND:
@@ -259,9 +267,11 @@ def _build_gguf_cache(path: Path, folder: Path) -> None:
 # --- Hugging Face folders -----------------------------------------------------------------------
 
 
-def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype):
+def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype,
+                       encoder: bool = False):
+    """A causal LM from ``folder``, or with ``encoder`` its base model (AutoModel, e.g. BertModel)."""
     config = _read_json(folder / "config.json")
-    _check_architecture(config, folder / "config.json", trust_remote_code)
+    _check_architecture(config, folder / "config.json", trust_remote_code, causal=not encoder)
     if (folder / "model.safetensors.index.json").is_file():
         _read_json(folder / "model.safetensors.index.json")
     safetensors_files = sorted(folder.glob("*.safetensors"))
@@ -274,7 +284,8 @@ def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: b
     if use_pickle:
         kwargs["use_safetensors"] = False  # transformers then uses torch.load(weights_only=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+        auto_class = AutoModel if encoder else AutoModelForCausalLM
+        model, info = auto_class.from_pretrained(folder, output_loading_info=True, **kwargs)
     except _PICKLE_READ_ERRORS as e:
         if not use_pickle:
             raise
@@ -337,8 +348,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_architecture(config: dict, config_path: Path, trust_remote_code: bool) -> None:
-    """Refuse a model_type transformers does not know or cannot load as a causal LM."""
+def _check_architecture(config: dict, config_path: Path, trust_remote_code: bool, causal: bool = True) -> None:
+    """Refuse a model_type transformers does not know or (with ``causal``) cannot load as a causal LM."""
     if trust_remote_code and "auto_map" in config:
         return
     model_type = config.get("model_type", "(none)")
@@ -347,7 +358,7 @@ def _check_architecture(config: dict, config_path: Path, trust_remote_code: bool
             f"architecture '{model_type}' in '{config_path}' is not known to transformers {transformers.__version__}; "
             "upgrade transformers, or pass trust_remote_code=True if the folder ships its own model code"
         )
-    if CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    if causal and CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise WeightwiseError(
             f"architecture '{model_type}' in '{config_path}' has no causal-LM class in transformers; "
             "pass a causal language model"
