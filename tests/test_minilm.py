@@ -187,3 +187,11 @@ def test_real_minilm_gptq_int4_from_the_command_line(tmp_path, monkeypatch, caps
     gptq_cos, rtn_cos = (embedding_cosine(reference, sentence_embeddings(m, tokenizer, texts)) for m in (gptq, rtn))
     # bench/minilm.py on the whole eval split: GPTQ 0.984, RTN 0.947 (issue target 0.99 not reached yet).
     assert gptq_cos["mean"] >= 0.97 and gptq_cos["mean"] > rtn_cos["mean"] + 0.01
+
+
+def test_perplexity_of_an_encoder_is_a_clear_error():
+    from weightwise.errors import WeightwiseError
+    from weightwise.evaluate import evaluate
+
+    with pytest.raises(WeightwiseError, match="no language-model head"):
+        evaluate(tiny_bert(), None, text="some text", measure_speed=False)

@@ -86,6 +86,7 @@ def reference_outputs(
 ) -> ReferenceOutputs:
     """Run ``ref_model`` once over ``windows`` and keep what ``evaluate`` compares candidates against."""
     _check_batch_size(batch_size)
+    _check_language_model(ref_model)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     fp16_min = torch.finfo(torch.float16).min
     timer = ForwardTimer()
@@ -146,6 +147,9 @@ def evaluate(
     ``progress(done, total)`` is called after each batch of windows.
     """
     _check_batch_size(batch_size)
+    _check_language_model(model)
+    if isinstance(reference, nn.Module):
+        _check_language_model(reference)
     started = time.perf_counter()
     if text is None:
         text = corpus("pydoc", "eval")
@@ -204,6 +208,14 @@ def evaluate(
     )
     logger.info("ppl %.4f on %d tokens (%d windows of %d)", result.ppl, n_scored, result.n_windows, result.window)
     return result
+
+
+def _check_language_model(model: nn.Module) -> None:
+    """Perplexity needs next-token logits: refuse encoders (e.g. MiniLM) with a pointer to their harness."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_head is None or get_head() is None:
+        raise WeightwiseError(f"{type(model).__name__} has no language-model head, so it has no perplexity: evaluate "
+                              "encoders by embedding cosine (weightwise.evaluate.embeddings, bench/minilm.py)")
 
 
 def _check_batch_size(batch_size: int) -> None:
