@@ -26,27 +26,29 @@ from weightwise.io.models import load_model
 from weightwise.quantize.recipe import QuantRecipe
 
 CALIB = {"source": "pydoc", "samples": 128, "seq_len": 512}
+CALIB_SMALL = {"source": "pydoc", "samples": 32, "seq_len": 512}  # for the slower searches (AWQ, SmoothQuant, FP search)
 
 RECIPES: dict[str, dict] = {
     "rtn-int3-g64": {"format": "int3", "group_size": 64},
     "gptq-int3-g64": {"format": "int3", "group_size": 64, "method": "gptq", "calibration": CALIB},
     "gptq-int3-g64-lorc8": {"format": "int3", "group_size": 64, "method": "gptq", "lorc_rank": 8, "calibration": CALIB},
-    "awq-int3-g64": {"format": "int3", "group_size": 64, "method": "awq", "calibration": CALIB},
-    "awq+gptq-int3-g64": {"format": "int3", "group_size": 64, "method": {"name": "awq", "then": "gptq"}, "calibration": CALIB},
+    "awq-int3-g64": {"format": "int3", "group_size": 64, "method": "awq", "calibration": CALIB_SMALL},
+    "awq+gptq-int3-g64": {"format": "int3", "group_size": 64, "method": {"name": "awq", "then": "gptq"}, "calibration": CALIB_SMALL},
     "gptq-int4-g64": {"format": "int4", "group_size": 64, "method": "gptq", "calibration": CALIB},
+    "gptq-int4-g192": {"format": "int4", "group_size": 192, "method": "gptq", "calibration": CALIB},
     "gptq-int2_asym-g32": {"format": "int2_asym", "group_size": 32, "method": "gptq", "calibration": CALIB},
     "gptq-int2_asym-g64": {"format": "int2_asym", "group_size": 64, "method": "gptq", "calibration": CALIB},
     "plan-3.0": {"target_bpw": 3.0, "method": "gptq", "calibration": CALIB},
     "plan-3.5": {"target_bpw": 3.5, "method": "gptq", "calibration": CALIB},
     "plan-2.5": {"target_bpw": 2.5, "method": "gptq", "calibration": CALIB},
     "rtn-fp4_e2m1-g32": {"format": "fp4_e2m1", "group_size": 32},
-    "fpsearch-fp4-g32": {"format": "fp4_e2m1", "group_size": 32, "method": "fpsearch", "calibration": CALIB},
+    "fpsearch-fp4-g32": {"format": "fp4_e2m1", "group_size": 32, "method": "fpsearch", "calibration": CALIB_SMALL},
     "w8a8-int8": {"format": "int8", "granularity": "channel", "act_format": "int8"},
     "w8a8-int8-smooth0.5": {"format": "int8", "granularity": "channel", "act_format": "int8", "smoothquant_alpha": 0.5,
-                            "calibration": CALIB},
+                            "calibration": CALIB_SMALL},
     "w4a8-fp8": {"format": "int4", "group_size": 64, "act_format": "fp8_e4m3"},
     "w4a8-fp8-smooth0.5": {"format": "int4", "group_size": 64, "act_format": "fp8_e4m3", "smoothquant_alpha": 0.5,
-                           "calibration": CALIB},
+                           "calibration": CALIB_SMALL},
     "rtn-int4-g64-pow2": {"format": "int4", "group_size": 64, "pow2_scales": "all"},
 }
 QUICK = ["rtn-int3-g64", "w8a8-int8", "w4a8-fp8"]
@@ -98,7 +100,6 @@ def main() -> None:
     model, tokenizer = load_model("default")
     source = compare_recipes(model, tokenizer, [recipes[n] for n in todo], config, labels=todo,
                              on_event=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save)[0]
-    save(source)
     ordered = [rows["source fp32"]] + [rows[n] for n in RECIPES if n in rows]
     print(f"SmolLM2-135M-Instruct, pydoc eval split: {source['n_windows']} windows, {source['n_tokens_scored']} scored "
           f"tokens, Python {source['python_version']}; this run {time.perf_counter() - started:.0f} s "

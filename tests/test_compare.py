@@ -28,3 +28,13 @@ def test_compare_recipes_rows(tmp_path):
 def test_describe():
     assert describe(QuantRecipe(format="nf4")) == "nf4 g64 rtn"
     assert describe(QuantRecipe(format="mxfp4")) == "mxfp4 g32 rtn"
+
+
+def test_labels_name_rows_and_on_row_sees_each_row_as_it_is_measured(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("pack my box with five dozen liquor jugs. " * 40)
+    seen = []
+    rows = compare_recipes(tiny_model(), tiny_tokenizer(), [QuantRecipe(format="int4", group_size=16)],
+                           EvalConfig(text=str(text), window=64, max_tokens=128), labels=["mine"], on_row=seen.append)
+    assert [r["name"] for r in rows] == ["source fp32", "mine"]
+    assert seen == rows

@@ -63,6 +63,8 @@ def compare_recipes(
     )
     rows = [{"name": source_name, "format": "fp32", **source}]
     say(f"{source_name}: ppl {source['ppl']:.3f}")
+    if on_row:
+        on_row(rows[0])
     for index, recipe in enumerate(recipes):
         label = labels[index] if labels else describe(recipe)
         started = time.perf_counter()
