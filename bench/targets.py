@@ -1,0 +1,120 @@
+"""Issue 3's targets, checked against the measured results in bench/results/ (nothing is measured here).
+
+Reads the JSON the other benchmarks wrote (formats, methods, methods-planner, gptq-int3-g64-act, peers,
+minilm), all on the same 16 pydoc eval windows of the default SmolLM2 (source ppl 15.092), and prints one
+row per target: the figure that decides it, where it comes from, and met / missed / not measured.
+Recipes that can represent the source's Q4_1 grid (asymmetric INT ≥ 4 with groups dividing 32) are
+left out of every comparison, as the issue asks.
+
+    .venv/bin/python bench/targets.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def on_source_grid(row: dict) -> bool:
+    recipe = row.get("recipe") or {}
+    match = re.fullmatch(r"int(\d)_asym", recipe.get("format", ""))
+    group = recipe.get("group_size") or 64
+    return bool(match) and int(match.group(1)) >= 4 and 32 % group == 0
+
+
+def weightwise_rows() -> list[dict]:
+    """Every measured weightwise SmolLM2 row: (label, bits/weight, ppl, planner?)."""
+    rows = []
+    for file in ("formats.json", "methods.json", "methods-planner.json"):
+        for r in (load(file) or {}).get("rows", []):
+            if r["name"] != "source fp32" and not on_source_grid(r):
+                rows.append({"label": f"{r['name']} ({file})", "bpw": r["bits_per_weight"], "ppl": r["ppl"],
+                             "planned": r.get("recipe", {}).get("target_bpw") is not None})
+    for file in sorted(RESULTS.glob("*-eval.json")):  # `weightwise eval` of single runs
+        for r in json.loads(file.read_text()).get("runs", []):
+            rows.append({"label": f"{r['name']} ({file.name})", "bpw": r["bits_per_weight"], "ppl": r["ppl"],
+                         "planned": (r.get("recipe") or {}).get("target_bpw") is not None})
+    for r in (load("peers.json") or {}).get("rows", []):
+        if r["tool"] == "weightwise" and r.get("ppl") is not None and r["model"] == "smollm2":
+            rows.append({"label": f"{r['setting']} (peers.json)", "bpw": r["bits_per_weight"], "ppl": r["ppl"], "planned": False})
+    return rows
+
+
+def best(rows: list[dict], max_bpw: float, planned: bool | None = None) -> dict | None:
+    fitting = [r for r in rows if r["bpw"] <= max_bpw + 1e-9 and (planned is None or r["planned"] == planned)]
+    return min(fitting, key=lambda r: r["ppl"]) if fitting else None
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "**met**" if ok else "missed"
+
+
+def main() -> None:
+    peers = load("peers.json") or {"rows": [], "source": {"ppl": None}}
+    source_ppl = peers["source"]["ppl"] or 15.0918
+    rows = weightwise_rows()
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+
+    formats = {r["name"]: r for r in (load("formats.json") or {}).get("rows", [])}
+    gptq3 = next(iter((load("gptq-int3-g64-act-eval.json") or {}).get("runs", [])), None)
+    rtn3 = formats.get("int3 g64 rtn")
+    if gptq3 and rtn3:
+        ratio = (gptq3["ppl"] - source_ppl) / (rtn3["ppl"] - source_ppl)
+        lines.append(f"| GPTQ INT3 g64 ΔPPL ≤ 0.25 × RTN's | {gptq3['ppl']:.3f} vs RTN {rtn3['ppl']:.3f}: {ratio:.2f}× | {verdict(ratio <= 0.25)} |")
+
+    for r in peers["rows"]:
+        if r["tool"] != "llama.cpp" or r.get("ppl") is None or not r["model"] == "smollm2":
+            continue
+        ours = best(rows, r["bits_per_weight"])
+        text = "none at that size" if ours is None else f"{ours['label']}: {ours['bpw']:.3f} b/w, ppl {ours['ppl']:.3f}"
+        lines.append(f"| beat llama.cpp {r['setting']} ({r['bits_per_weight']:.3f} b/w, ppl {r['ppl']:.3f}) | {text} | "
+                     f"{verdict(ours is not None and ours['ppl'] < r['ppl'])} |")
+
+    small = best(rows, 3.5)
+    lines.append(f"| ≤ 3.5 b/w with ppl ≤ 1.5 × source ({1.5 * source_ppl:.2f}) | "
+                 f"{small['label']}: {small['bpw']:.3f} b/w, ppl {small['ppl']:.3f} | {verdict(small['ppl'] <= 1.5 * source_ppl)} |")
+
+    planned = [r for r in rows if r["planned"] and abs(r["bpw"] - 3.0) < 0.01]
+    uniform = best(rows, 3.0, planned=False)
+    if planned:
+        plan = min(planned, key=lambda r: r["ppl"])
+        lines.append(f"| planner at 3.0 b/w beats the best uniform ≤ 3.0 | planner {plan['ppl']:.3f} ({plan['label']}) vs "
+                     f"{uniform['label']} {uniform['ppl']:.3f} | {verdict(plan['ppl'] < uniform['ppl'])} |")
+    else:
+        lines.append("| planner at 3.0 b/w beats the best uniform ≤ 3.0 | – | not measured |")
+
+    tiny = best(rows, 2.5)
+    lines.append(f"| stretch: ≤ 2.5 b/w with ppl ≤ 4 × source ({4 * source_ppl:.2f}) | "
+                 + (f"{tiny['label']}: {tiny['bpw']:.3f} b/w, ppl {tiny['ppl']:.4g} | {verdict(tiny['ppl'] <= 4 * source_ppl)} |"
+                    if tiny else "– | not measured |"))
+
+    minilm = {r["name"]: r for r in (load("minilm.json") or {}).get("rows", [])}
+    gptq4, rtn4 = minilm.get("int4 g128 gptq"), minilm.get("int4 g128 rtn")
+    if gptq4 and rtn4:
+        ok = gptq4["cosine_mean"] >= 0.99 and gptq4["cosine_mean"] > rtn4["cosine_mean"]
+        lines.append(f"| MiniLM GPTQ INT4 g128 cosine ≥ 0.99 and > RTN | {gptq4['cosine_mean']:.5f} vs RTN "
+                     f"{rtn4['cosine_mean']:.5f} | {verdict(ok)} |")
+
+    manifest = load("gptq-int3-g64-act-manifest.json")
+    if manifest:
+        seconds = manifest["timings"]["quantize_seconds"]
+        lines.append(f"| GPTQ 128 × 512 ≤ 10 min on 2 cores | {seconds:.0f} s (int3 g64, machine alone) | {verdict(seconds <= 600)} |")
+    ours = next((r for r in peers["rows"] if r["tool"] == "weightwise" and "GPTQ" in r["setting"]), None)
+    theirs = next((r for r in peers["rows"] if r["tool"] == "llm-compressor" and "W4" in r["setting"]), None)
+    if ours and theirs:
+        ratio = theirs["quantize_seconds"] / ours["quantize_seconds"]
+        lines.append(f"| GPTQ faster than llm-compressor's (same run) | weightwise {ours['quantize_seconds']:.0f} s, "
+                     f"llm-compressor {theirs['quantize_seconds']:.0f} s: {ratio:.2f}× | {verdict(ratio > 1)} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
