@@ -8,6 +8,7 @@ same recipe and settings (``--fresh`` measures them again).
     .venv/bin/python bench/methods.py --max-tokens 8192                  # every recipe (hours on 2 cores)
     .venv/bin/python bench/methods.py --max-tokens 8192 --only gptq-int3-g64 plan-3.0
     .venv/bin/python bench/methods.py --quick                            # 2 windows, 3 cheap recipes
+    .venv/bin/python bench/methods.py --max-tokens 8192 --report         # the table of what is measured so far
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens scored per model (default: whole eval split)")
     parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only")
     parser.add_argument("--out", type=Path, default=Path("bench/results/methods.json"))
+    parser.add_argument("--report", action="store_true", help="print the table of the rows in --out and stop")
     parser.add_argument("--fresh", action="store_true", help="measure the requested recipes again even when --out holds their rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -88,6 +90,14 @@ def main() -> None:
         return {r["name"]: r for r in saved.get("rows", [])} if same_settings else {}
 
     rows = {} if args.fresh else saved_rows()
+    if args.report:
+        if "source fp32" not in rows:
+            sys.exit(f"{args.out} holds no finished run with these settings yet (its source row is written first)")
+        source = rows["source fp32"]
+        print(f"SmolLM2-135M-Instruct, pydoc eval split: {source['n_windows']} windows, {source['n_tokens_scored']} "
+              f"scored tokens, Python {source['python_version']}; rows of {args.out}\n")
+        print(markdown([source] + [rows[n] for n in RECIPES if n in rows]))
+        return
     todo = [n for n in names if n not in rows or rows[n].get("recipe") != recipes[n].model_dump(mode="json")]
 
     def save(row: dict) -> None:

@@ -1,6 +1,6 @@
 """Issue 3's targets, checked against the measured results in bench/results/ (nothing is measured here).
 
-Reads the JSON the other benchmarks wrote (formats, methods, methods-planner, gptq-int3-g64-act, peers,
+Reads the JSON the other benchmarks wrote (formats, methods*, *-eval from `weightwise eval`, peers,
 minilm), all on the same 16 pydoc eval windows of the default SmolLM2 (source ppl 15.092), and prints one
 row per target: the figure that decides it, where it comes from, and met / missed / not measured.
 Recipes that can represent the source's Q4_1 grid (asymmetric INT ≥ 4 with groups dividing 32) are
@@ -33,7 +33,7 @@ def on_source_grid(row: dict) -> bool:
 def weightwise_rows() -> list[dict]:
     """Every measured weightwise SmolLM2 row: (label, bits/weight, ppl, planner?)."""
     rows = []
-    for file in ("formats.json", "methods.json", "methods-planner.json"):
+    for file in ["formats.json", *sorted(p.name for p in RESULTS.glob("methods*.json"))]:
         for r in (load(file) or {}).get("rows", []):
             if r["name"] != "source fp32" and not on_source_grid(r):
                 rows.append({"label": f"{r['name']} ({file})", "bpw": r["bits_per_weight"], "ppl": r["ppl"],
