@@ -294,6 +294,16 @@ def test_output_folder_rules(toy_task, tmp_path):
 from test_cli import run_cli  # noqa: E402
 
 
+def toy_lift_command(model_dir, tmp_path, *, steps: int, refresh_every: int) -> list:
+    """`weightwise tune` arguments (no -o) for a short LIFT run on a memorisable JSONL task."""
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(10, 26)))
+    return ["tune", model_dir, "--task", task, "--method", "lift", "--refresh-every", str(refresh_every),
+            "--train-examples", "16", "--batch-size", "4", "--grad-accum", "2", "--steps", str(steps),
+            "--checkpoint-every", "2", "--test-examples", "0", "--retention-max-tokens", "0", "--lr", "0.005",
+            "--density", "0.1", "--filter-rank", "8", "--patch-dtype", "fp32"]
+
+
 def test_cli_tune_writes_the_run_and_log_lines(capsys, monkeypatch, tiny_dir, toy_task, tmp_path):
     run, recipe = tmp_path / "run", tmp_path / "tune.yaml"
     recipe.write_text("method: magnitude\ndensity: 0.1\nlr: 0.005\nmax_steps: 99\n")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from test_tune import run_cli
+from test_tune import run_cli, toy_lift_command
 from weightwise.tune.patch import WeightPatch
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -21,11 +21,7 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 @pytest.mark.skipif(not ACCELERATE.is_file(), reason="accelerate's launcher is not installed beside this Python")
 def test_two_cpu_processes_match_one(capsys, monkeypatch, tiny_dir, tmp_path):
-    task = tmp_path / "toy.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(10, 26)))
-    args = ["tune", tiny_dir, "--task", task, "--method", "lift", "--refresh-every", "2", "--train-examples", "16",
-            "--batch-size", "4", "--grad-accum", "2", "--steps", "5", "--checkpoint-every", "2", "--test-examples", "0",
-            "--retention-max-tokens", "0", "--lr", "0.005", "--density", "0.1", "--filter-rank", "8", "--patch-dtype", "fp32"]
+    args = toy_lift_command(tiny_dir, tmp_path, steps=5, refresh_every=2)
     one, two = tmp_path / "one", tmp_path / "two"
     code, _, err = run_cli(capsys, monkeypatch, *args, "-o", one)
     assert code == 0, err

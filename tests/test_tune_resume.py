@@ -9,16 +9,12 @@ import time
 
 import torch
 
-from test_tune import run_cli
+from test_tune import run_cli, toy_lift_command
 from weightwise.tune.patch import WeightPatch
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(capsys, monkeypatch, tiny_dir, tmp_path):
-    task = tmp_path / "toy.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(10, 26)))
-    args = ["tune", tiny_dir, "--task", task, "--method", "lift", "--refresh-every", "3", "--train-examples", "16",
-            "--batch-size", "4", "--grad-accum", "2", "--steps", "12", "--checkpoint-every", "2", "--test-examples", "0",
-            "--retention-max-tokens", "0", "--lr", "0.005", "--density", "0.1", "--filter-rank", "8", "--patch-dtype", "fp32"]
+    args = toy_lift_command(tiny_dir, tmp_path, steps=12, refresh_every=3)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     code, _, err = run_cli(capsys, monkeypatch, *args, "-o", reference)
     assert code == 0, err
