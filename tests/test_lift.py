@@ -254,12 +254,21 @@ def test_load_state_dict_refuses_another_model():
         opt.load_state_dict(state)
 
 
-def test_state_bytes_counts_moments_and_indices():
-    layer = nn.Linear(64, 32, bias=False)
-    k = budget_k(layer.weight.shape, density=0.1)
-    opt = _sparse(layer, magnitude_mask(layer.weight, k))
-    assert opt.state_bytes() == 2 * k * 4 + k * 8
-    assert opt.state_bytes() < layer.weight.numel() * 4 * 2 / 4  # far below dense Adam's 2 moments
+def test_state_bytes_counts_moments_and_a_one_byte_per_entry_mask():
+    torch.manual_seed(0)
+    layer = nn.Linear(576, 192, bias=False)
+    with torch.no_grad():
+        layer.weight[10:12] = 0  # two empty rows: gaps over 1,000 that need an escape
+        layer.weight[100] = 0
+    k = budget_k(layer.weight.shape, density=0.05)
+    mask = magnitude_mask(layer.weight, k)
+    opt = _sparse(layer, mask)
+    gaps = torch.diff(mask, prepend=mask.new_tensor([-1])) - 1
+    long_gaps = int((gaps >= 255).sum())
+    assert long_gaps == 2 and int(gaps.max()) - 255 > 255
+    assert opt.state_bytes() == 2 * k * 4 + k + 2 * long_gaps  # uint8 gaps, a uint16 escape per long gap
+    assert opt.state_bytes() < 2 * k * 4 * 1.15  # within 15 % of the moments alone
+    assert torch.equal(opt.masks["w"], mask)  # the encoded mask decodes to the same indices
 
 
 def test_detached_hooks_leave_dense_grads_and_step_refuses():

@@ -1,8 +1,9 @@
 """Adam whose state lives on a sparse mask: memory close to LoRA's, not full fine-tuning's.
 
 For each trained weight W only k masked entries (flat indices into ``W.view(-1)``) are updated.
-The optimizer keeps, per weight, the indices (int64), the two Adam moments (fp32, length k) and a
-gradient buffer (fp32, length k). A post-accumulate-grad hook reduces each dense gradient to its
+The optimizer keeps, per weight, the mask (compact gap-encoded indices, about 1 byte per entry at 5 %
+density, see :mod:`weightwise.tune.indices`; decoded to int64 for a moment when used), the two Adam
+moments (fp32, length k) and a gradient buffer (fp32, length k). A post-accumulate-grad hook reduces each dense gradient to its
 masked entries the moment autograd finishes it and frees it (``p.grad = None``), so dense weight
 gradients never pile up during the backward pass. Micro-batches accumulate into the
 buffer; :meth:`SparseAdam.step` applies bias-corrected Adam (decoupled, AdamW-style weight decay on
@@ -15,8 +16,8 @@ zero-initialised second moment would be under-corrected and its first updates up
 for the default betas. The per-entry join step (int32) is stored only once a refresh has added
 entries after step 0. Entries that leave lose their moments.
 
-Indices are int64 because ``index_select``/``index_add_`` accept them everywhere; int32 indices
-would halve the index cost (8 → 4 bytes per entry) for matrices under 2³¹ entries.
+Persistent state is therefore ≈ 9 bytes per trained entry (two fp32 moments + ~1 byte of index) instead
+of 16 with int64 indices; the decoded int64 indices of one weight exist only during its hook or update.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.tune.indices import decode_indices, encode_indices
 
 _HPARAMS = ("lr", "beta1", "beta2", "eps", "weight_decay")
-_TENSOR_FIELDS = ("indices", "exp_avg", "exp_avg_sq", "born")
+_TENSOR_FIELDS = ("indices", "exp_avg", "exp_avg_sq", "born")  # state_dict keys per weight
 
 
 @dataclass
@@ -38,11 +40,28 @@ class _Masked:
     """Sparse Adam state of one weight."""
 
     param: nn.Parameter
-    indices: torch.Tensor  # int64, sorted, unique
+    gaps: torch.Tensor  # the mask, encoded by encode_indices
+    escapes: torch.Tensor | None
     exp_avg: torch.Tensor  # fp32 (k,)
     exp_avg_sq: torch.Tensor  # fp32 (k,)
     grad: torch.Tensor  # fp32 (k,): masked gradient accumulated since the last step
     born: torch.Tensor | None = None  # int32 (k,): step after which each entry joined; None = all at 0
+
+    @classmethod
+    def fresh(cls, param: nn.Parameter, indices: torch.Tensor) -> "_Masked":
+        zeros = torch.zeros(indices.numel(), dtype=torch.float32, device=param.device)
+        return cls(param, *encode_indices(indices), zeros, zeros.clone(), zeros.clone())
+
+    def indices(self) -> torch.Tensor:
+        """The mask as sorted int64 flat indices (decoded on each call)."""
+        return decode_indices(self.gaps, self.escapes)
+
+    def set_indices(self, indices: torch.Tensor) -> None:
+        self.gaps, self.escapes = encode_indices(indices)
+
+    def nbytes(self) -> int:
+        tensors = (self.gaps, self.escapes, self.exp_avg, self.exp_avg_sq, self.born)
+        return sum(t.nbytes for t in tensors if t is not None)
 
 
 def _check_indices(name: str, indices: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -89,16 +108,14 @@ class SparseAdam:
         for name, p in params.items():
             if not p.is_contiguous() or not p.is_floating_point():
                 raise WeightwiseError(f"{name!r} must be a contiguous floating-point tensor for sparse updates")
-            idx = _check_indices(name, masks[name], p)
-            zeros = torch.zeros(idx.numel(), dtype=torch.float32, device=p.device)
-            self._state[name] = _Masked(p, idx, zeros, zeros.clone(), zeros.clone())
+            self._state[name] = _Masked.fresh(p, _check_indices(name, masks[name], p))
 
     # -- gradients ---------------------------------------------------------------------------------
 
     def _hook(self, name: str):
         def reduce_and_free(p: torch.Tensor) -> None:
             s = self._state[name]
-            s.grad.add_(p.grad.reshape(-1).index_select(0, s.indices))
+            s.grad.add_(p.grad.reshape(-1).index_select(0, s.indices()))
             p.grad = None
 
         return reduce_and_free
@@ -130,8 +147,8 @@ class SparseAdam:
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Current flat indices per weight (do not modify; use :meth:`remask`)."""
-        return {name: s.indices for name, s in self._state.items()}
+        """Current flat indices per weight (decoded copies; change a mask with :meth:`remask`)."""
+        return {name: s.indices() for name, s in self._state.items()}
 
     # -- update ------------------------------------------------------------------------------------
 
@@ -149,7 +166,8 @@ class SparseAdam:
             if s.param.grad is not None:
                 raise RuntimeError(f"{name!r} holds a dense grad: call attach_hooks() before backward()")
             flat = s.param.detach().view(-1)
-            values = flat.index_select(0, s.indices).float()
+            indices = s.indices()
+            values = flat.index_select(0, indices).float()
             if self.weight_decay:
                 values.mul_(1 - self.lr * self.weight_decay)
             s.exp_avg.lerp_(s.grad, 1 - beta1)
@@ -163,7 +181,7 @@ class SparseAdam:
                 step_size = (self.lr / (1 - beta1**age)).float()
                 denom = (s.exp_avg_sq.sqrt() / (1 - beta2**age).sqrt().float()).add_(self.eps)
                 values.sub_(step_size * s.exp_avg / denom)
-            flat.index_copy_(0, s.indices, values.to(flat.dtype))
+            flat.index_copy_(0, indices, values.to(flat.dtype))
             s.grad.zero_()
 
     def remask(self, name: str, indices: torch.Tensor) -> dict:
@@ -176,8 +194,9 @@ class SparseAdam:
             raise WeightwiseError(f"no trained weight named {name!r}")
         s = self._state[name]
         new = _check_indices(name, indices, s.param)
-        pos = torch.searchsorted(s.indices, new).clamp_(max=s.indices.numel() - 1)
-        found = s.indices[pos] == new
+        old_indices = s.indices()
+        pos = torch.searchsorted(old_indices, new).clamp_(max=old_indices.numel() - 1)
+        found = old_indices[pos] == new
         source = pos[found]
         moments = []
         for old in (s.exp_avg, s.exp_avg_sq):
@@ -190,8 +209,9 @@ class SparseAdam:
             born = torch.full((new.numel(),), self.step_count, dtype=torch.int32, device=new.device)
             born[found] = s.born[source] if s.born is not None else 0
             s.born = born
-        dropped = s.indices.numel() - kept
-        s.indices, (s.exp_avg, s.exp_avg_sq) = new, moments
+        dropped = old_indices.numel() - kept
+        s.set_indices(new)
+        s.exp_avg, s.exp_avg_sq = moments
         s.grad = torch.zeros(new.numel(), dtype=torch.float32, device=new.device)
         return {"kept": kept, "new": n_new, "dropped": dropped}
 
@@ -208,7 +228,8 @@ class SparseAdam:
         out: dict[str, torch.Tensor | int | float] = {"step": self.step_count, "lr": self.lr, "beta1": self.betas[0],
                                                       "beta2": self.betas[1], "eps": self.eps, "weight_decay": self.weight_decay}
         for name, s in self._state.items():
-            for field in _TENSOR_FIELDS:
+            out[f"{name}.indices"] = s.indices()
+            for field in _TENSOR_FIELDS[1:]:
                 value = getattr(s, field)
                 if value is not None:
                     out[f"{name}.{field}"] = value.detach().clone()
@@ -227,7 +248,7 @@ class SparseAdam:
             moments = (fields["exp_avg"], fields["exp_avg_sq"])
             if any(v is None for v in moments) or any(v is not None and v.shape != idx.shape for v in fields.values()):
                 raise WeightwiseError(f"optimizer state of {name!r} is incomplete or its moments do not match its mask")
-            s.indices = idx
+            s.set_indices(idx)
             s.exp_avg = fields["exp_avg"].to(device=idx.device, dtype=torch.float32).clone()
             s.exp_avg_sq = fields["exp_avg_sq"].to(device=idx.device, dtype=torch.float32).clone()
             s.born = None if fields["born"] is None else fields["born"].to(device=idx.device, dtype=torch.int32).clone()
@@ -237,5 +258,5 @@ class SparseAdam:
         self.betas = (float(state["beta1"]), float(state["beta2"]))
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: moments (2·4·k) + indices (8·k) + join steps (4·k, after a refresh)."""
-        return sum(getattr(s, f).nbytes for s in self._state.values() for f in _TENSOR_FIELDS if getattr(s, f) is not None)
+        """Bytes of persistent optimizer state: moments (2·4·k) + encoded mask (≈ k) + join steps (4·k, after a refresh)."""
+        return sum(s.nbytes() for s in self._state.values())

@@ -6,10 +6,9 @@ deltas. On disk it is one safetensors file:
 - header metadata ``weightwise.patch``: JSON ``{format_version, value_dtype, payload_sha256, tensors:
   {name: {shape, count}}}``; ``weightwise.metadata``: JSON of :attr:`WeightPatch.metadata` (base model
   hash, method, density, metrics, ...).
-- ``NAME:gaps``: the indices as gaps ``v_i = idx_i − idx_{i−1} − 1`` (``idx_{−1} = −1``, so the first
-  gap is the first index and adjacent entries cost a 0), in uint8, uint16 or uint32, whichever gives the
-  fewest bytes; a gap that does not fit is written as the dtype's maximum and its excess goes to
-  ``NAME:escapes`` (narrowest unsigned dtype that holds it), in order.
+- ``NAME:gaps`` and ``NAME:escapes``: the indices encoded by :func:`weightwise.tune.indices.encode_indices`
+  (gaps between sorted indices in the narrowest unsigned width; the excess of a gap that does not fit
+  goes to the escapes, in order).
 - ``NAME:values``: the deltas in fp16, bf16 or fp32, or int8 codes with ``NAME:scale`` (fp32,
   absmax/127).
 
@@ -47,6 +46,7 @@ from weightwise.io.artifacts import (
     write_bytes_atomic,
     write_manifest,
 )
+from weightwise.tune.indices import decode_indices, encode_indices
 
 logger = logging.getLogger(__name__)
 
@@ -54,51 +54,10 @@ FORMAT_VERSION = 1
 PATCHED_MODEL_KIND = "patched-model"  # manifest kind of a folder written by WeightPatch.merge
 UNDO_FILE = "patch_undo/originals.safetensors"  # in a subfolder: loaders that read every top-level *.safetensors skip it
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
-_GAP_DTYPES = ((torch.uint8, 8), (torch.uint16, 16), (torch.uint32, 32))
-_ESCAPE_DTYPES = ((torch.uint8, 2**8 - 1), (torch.uint16, 2**16 - 1), (torch.uint32, 2**32 - 1), (torch.int64, 2**63 - 1))
 _HEADER_KEY, _METADATA_KEY = "weightwise.patch", "weightwise.metadata"
 
 
 # --- pure encodings ----------------------------------------------------------------------------
-
-
-def _narrowest_unsigned(max_value: int) -> torch.dtype:
-    return next(dtype for dtype, limit in _ESCAPE_DTYPES if max_value <= limit)
-
-
-def encode_indices(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Strictly increasing flat indices → (gap stream, escapes or None); see the module docstring.
-
-    The gap width (8, 16 or 32 bits) is chosen per tensor to minimise stream + escape bytes: at 5 %
-    density nearly every gap fits a byte, and the rare long gap costs one escape instead of widening all.
-    """
-    idx = indices.detach().to("cpu", torch.int64).reshape(-1)
-    gaps = torch.diff(idx, prepend=idx.new_tensor([-1])) - 1
-    best = None
-    for dtype, bits in _GAP_DTYPES:
-        limit = 2**bits - 1
-        excess = gaps[gaps >= limit] - limit
-        escape_dtype = _narrowest_unsigned(int(excess.max())) if excess.numel() else torch.uint8
-        nbytes = gaps.numel() * bits // 8 + excess.numel() * escape_dtype.itemsize
-        if best is None or nbytes < best[0]:
-            best = (nbytes, dtype, limit, excess, escape_dtype)
-    _, dtype, limit, excess, escape_dtype = best
-    stream = gaps.clamp(max=limit).to(dtype)
-    return stream, (excess.to(escape_dtype) if excess.numel() else None)
-
-
-def decode_indices(stream: torch.Tensor, escapes: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of :func:`encode_indices`: int64 flat indices; raises ValueError on an inconsistent pair."""
-    limit = {dtype: 2**bits - 1 for dtype, bits in _GAP_DTYPES}.get(stream.dtype)
-    if limit is None or stream.dim() != 1:
-        raise ValueError(f"gap stream must be 1-D uint8/uint16/uint32, got {stream.dtype} {tuple(stream.shape)}")
-    gaps = stream.to(torch.int64)
-    escaped = gaps == limit
-    excess = torch.zeros(0, dtype=torch.int64) if escapes is None else escapes.to(torch.int64).reshape(-1)
-    if int(escaped.sum()) != excess.numel():
-        raise ValueError(f"{int(escaped.sum())} escaped gaps but {excess.numel()} escape values")
-    gaps[escaped] = excess + limit
-    return torch.cumsum(gaps + 1, 0) - 1
 
 
 def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -226,7 +185,7 @@ class WeightPatch:
             raise WeightwiseError(f"unknown patch value dtype '{value_dtype}'; use one of {', '.join(VALUE_DTYPES)}")
         tensors, described = {}, {}
         for name, (idx, values) in self.entries.items():
-            tensors[f"{name}:gaps"], escapes = encode_indices(idx)
+            tensors[f"{name}:gaps"], escapes = encode_indices(idx.cpu())
             tensors[f"{name}:values"], scale = encode_values(values, value_dtype)
             if escapes is not None:
                 tensors[f"{name}:escapes"] = escapes
