@@ -257,7 +257,7 @@ def test_block_steps_keep_the_float_model_unchanged(recipe):
     by_block = {name: {n: m for n, m in block.named_modules(prefix=name) if isinstance(m, torch.nn.Linear)} for name, block in blocks}
     folded = []
 
-    def step_only(index, block_name, stats):
+    def step_only(index, block_name, stats, block_pass):
         specs = {name: recipe.base_spec() for name in by_block[block_name]}
         for step in recipe.block_steps():
             stats = step(dict(blocks)[block_name], block_name, specs, stats, family)

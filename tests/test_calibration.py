@@ -95,7 +95,7 @@ def test_next_block_is_calibrated_on_quantized_outputs():
     targets = {name: {f"{name}.mlp.down_proj": b.mlp.down_proj} for name, b in blocks}
     order, seen = [], {}
 
-    def quantize_block(index, name, stats):
+    def quantize_block(index, name, stats, block_pass):
         order.append(index)
         seen.update(stats)
         block = dict(blocks)[name]
@@ -113,3 +113,45 @@ def test_next_block_is_calibrated_on_quantized_outputs():
     got = seen["model.layers.1.mlp.down_proj"]["hessian"]
     assert torch.allclose(got, block1_down_stats(model), rtol=1e-4, atol=1e-7)  # = the quantized block 0's outputs
     assert not torch.allclose(got, block1_down_stats(float_model), rtol=1e-3, atol=1e-7)  # ≠ the float model's
+
+
+def test_block_stages_group_shared_inputs_in_call_order_and_restat_sees_quantized_stages():
+    model = tiny_model()
+    tokens = _tokens()
+    name, block = "model.layers.0", model.model.layers[0]
+    linears = {f"{name}.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    seen = {}
+
+    def keep(index, block_name, stats, block_pass):
+        seen.update(stats=stats, block_pass=block_pass)
+
+    layer_sequential(model, [(name, block)], {name: linears}, tokens, 4, keep)
+    block_pass, o_proj = seen["block_pass"], f"{name}.self_attn.o_proj"
+    assert block_pass.stages == [[f"{name}.self_attn.{p}_proj" for p in "qkv"], [o_proj],
+                                 [f"{name}.mlp.gate_proj", f"{name}.mlp.up_proj"], [f"{name}.mlp.down_proj"]]
+    float_hessian = seen["stats"][o_proj]["hessian"]
+    assert torch.allclose(block_pass.stats([o_proj])[o_proj]["hessian"], float_hessian)  # nothing quantized yet
+    block.self_attn.v_proj = QuantizedLinear.from_quantized(
+        quantize_tensor(block.self_attn.v_proj.weight.detach(), QuantSpec(format="int2", group_size=16)))
+    restat = block_pass.stats([o_proj])[o_proj]
+    inputs = capture_block_inputs(model, block, tokens, 4)
+    assert torch.allclose(restat["hessian"], collect_stats(block, {"o": block.self_attn.o_proj}, inputs)["o"]["hessian"])
+    assert not torch.allclose(restat["hessian"], float_hessian, rtol=1e-3, atol=1e-7)
+    assert restat["tokens"] == tokens.numel()
+
+
+def test_true_sequential_gptq_runs_stage_by_stage_and_changes_later_stages_only():
+    from weightwise.quantize.api import quantize
+    from weightwise.quantize.recipe import QuantRecipe
+
+    tokens = _tokens(8, 32)
+    runs = {}
+    for sequential in (False, True):
+        recipe = QuantRecipe(format="int3", group_size=16, method="gptq",
+                             calibration=CalibrationConfig(samples=8, seq_len=32, batch_size=4, true_sequential=sequential))
+        runs[sequential] = dict(quantize(tiny_model(), recipe, calibration=tokens).named_modules())
+    first_block = "model.layers.0."
+    for suffix in ("self_attn.q_proj", "self_attn.v_proj"):  # stage 1 of block 0: same statistics either way
+        assert torch.equal(runs[False][first_block + suffix].dequantized_weight(), runs[True][first_block + suffix].dequantized_weight())
+    later = runs[True][first_block + "mlp.down_proj"].dequantized_weight()
+    assert not torch.equal(runs[False][first_block + "mlp.down_proj"].dequantized_weight(), later)

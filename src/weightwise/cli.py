@@ -116,6 +116,7 @@ def quantize_cmd(
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", help=_R["target_bpw"].description)] = None,
     target_mb: Annotated[Optional[float], typer.Option("--target-mb", help=_R["target_mb"].description)] = None,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq, awq, fpsearch and SmoothQuant: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help=CalibrationConfig.model_fields["true_sequential"].description)] = False,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -138,6 +139,9 @@ def quantize_cmd(
                                                 calibration=CalibrationConfig.parse(calib).model_dump() if calib else None))
     if search_fp and recipe.method.name != "fpsearch":  # keeps a YAML's fpsearch options when it names the method
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "method": "fpsearch"})
+    if true_sequential:  # merged into the calibration settings from --calib or the YAML
+        dump = recipe.model_dump()
+        recipe = validated(QuantRecipe, {**dump, "calibration": {**dump["calibration"], "true_sequential": True}})
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
     checkpoint = output.parent / f".{output.name}.partial"
     with _progress(f"quantizing ({recipe.method.name}, {recipe.format})") as update:

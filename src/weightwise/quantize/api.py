@@ -17,7 +17,7 @@ from weightwise.architectures import family_of, matches
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
-from weightwise.quantize.calibration import calibration_tokens, layer_sequential
+from weightwise.quantize.calibration import BlockPass, calibration_tokens, layer_sequential
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
 from weightwise.quantize.planning import plan_layers, plan_summary
@@ -155,10 +155,16 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
 
     family, steps = family_of(getattr(model.config, "model_type", "unknown")), recipe.block_steps()
 
-    def quantize_block(index: int, block_name: str, stats: dict[str, dict]) -> None:
+    def quantize_block(index: int, block_name: str, stats: dict[str, dict], block_pass: BlockPass) -> None:
         for step in steps:  # block-level transforms (scale migration) before the block's layers are quantized
             stats = step(modules[block_name], block_name, {name: plan[name] for name in by_block[block_name]}, stats, family)
-        done = {name: quantize_layer(name, stats[name]) for name in by_block[block_name]}
+        stages = block_pass.stages if recipe.calibration.true_sequential else [list(by_block[block_name])]
+        done: dict[str, QuantizedLinear] = {}
+        for stage in stages:
+            if done:  # recalibrate on the outputs of the stages quantized so far; keep notes such as "folded"
+                fresh = block_pass.stats(stage)
+                stats = {**stats, **{name: {**stats.get(name, {}), **fresh[name]} for name in fresh}}
+            done.update({name: quantize_layer(name, stats[name]) for name in stage})
         if checkpoint is not None:
             checkpoint.save_block(index, done, {name: layers[name] for name in done}, _float_state(block_name, modules[block_name]))
 
@@ -192,7 +198,7 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
     blocks, by_block = _targets_by_block(model, modules, plan)
     hessians: dict[str, torch.Tensor] = {}
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
-                     lambda index, block, stats: hessians.update({n: s["hessian"] for n, s in stats.items()}))
+                     lambda index, block, stats, block_pass: hessians.update({n: s["hessian"] for n, s in stats.items()}))
     weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
     row_weights = None
     if recipe.plan_gradient_samples:

@@ -4,6 +4,13 @@ to block i + 1. Peak memory is one block's activations plus its statistics.
 
 Statistics per linear layer (float32, token-normalized): the input Hessian H = XᵀX / n, the
 per-input-channel mean |x| and max |x|. Inputs shared by several linears (q/k/v, gate/up) are multiplied once.
+
+Within a block, the linears fall into *stages*: the groups that read the same input, in the order the
+block calls them (q/k/v → o → gate/up → down for llama; query/key/value → attention output →
+intermediate → output for BERT). With ``true_sequential`` the caller quantizes one stage at a time and
+re-collects the next stage's statistics from the partly quantized block (:meth:`BlockPass.stats`), so
+that o_proj is calibrated on the outputs of the *quantized* q/k/v, as in GPTQ's true-sequential mode.
+Each re-collection stops the forward pass right after the stage's last linear.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class CalibrationConfig(BaseModel):
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
     seed: int = Field(0, description="Seed for choosing (or sampling) the sequences.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward call during calibration.")
+    true_sequential: bool = Field(
+        False, description="Within each block, quantize the linears stage by stage (q/k/v, o, gate/up, down) and calibrate "
+        "each stage on the outputs of the stages already quantized (extra partial forward passes per block).")
 
     @classmethod
     def parse(cls, text: str) -> "CalibrationConfig":
@@ -112,7 +122,7 @@ def _sample_from_model(model: nn.Module, tokenizer, config: CalibrationConfig) -
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by a hook once everything needed from a forward pass is recorded."""
 
 
 @dataclass
@@ -135,7 +145,9 @@ class _Collector:
     """Forward hooks on a block's target linears accumulating LayerStats (shared inputs computed once)."""
 
     stats: dict[str, LayerStats] = field(default_factory=dict)
+    stages: dict[int, list[str]] = field(default_factory=dict)  # first chunk: input id → linears reading it, in call order
     _cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _first_chunk: bool = True
 
     def hook(self, name: str, linear: nn.Linear):
         def record(module, args, output):
@@ -145,6 +157,8 @@ class _Collector:
                 absx = x.abs()
                 self._cache[key] = (args[0], x.T @ x, absx.sum(dim=0), absx.amax(dim=0))
             _, xtx, abs_sum, abs_max = self._cache[key]
+            if self._first_chunk:
+                self.stages.setdefault(key, []).append(name)
             entry = self.stats.get(name)
             if entry is None:
                 self.stats[name] = LayerStats(xtx.clone(), abs_sum.clone(), abs_max.clone(), x.shape[0])
@@ -158,6 +172,7 @@ class _Collector:
 
     def end_chunk(self) -> None:
         self._cache.clear()
+        self._first_chunk = False
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[CapturedBatch]:
@@ -194,19 +209,51 @@ def run_block(block: nn.Module, inputs: list[CapturedBatch]) -> list[CapturedBat
     return outputs
 
 
-def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch]) -> dict[str, dict]:
-    """Input statistics of ``linears`` (names → modules inside ``block``) over every captured batch."""
+def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch], stop_after: str | None = None) -> _Collector:
+    """Run ``block`` on every captured batch with statistics hooks on ``linears``; with ``stop_after``,
+    each forward pass ends right after that linear."""
     collector = _Collector()
     handles = [collector.hook(name, linear) for name, linear in linears.items()]
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    if stop_after is not None:
+        handles.append(linears[stop_after].register_forward_hook(stop))  # after the statistics hook
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dequantized_once(block):
             for hidden, args, kwargs in inputs:
-                block(hidden, *args, **kwargs)
+                try:
+                    block(hidden, *args, **kwargs)
+                except _StopForward:
+                    pass
                 collector.end_chunk()
     finally:
         for handle in handles:
             handle.remove()
-    return {name: stats.as_dict() for name, stats in collector.stats.items()}
+    return collector
+
+
+def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch]) -> dict[str, dict]:
+    """Input statistics of ``linears`` (names → modules inside ``block``) over every captured batch."""
+    return {name: stats.as_dict() for name, stats in _collect(block, linears, inputs).stats.items()}
+
+
+@dataclass
+class BlockPass:
+    """One block under calibration: its target linears grouped into stages, and fresh statistics on demand."""
+
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    inputs: list[CapturedBatch]
+    stages: list[list[str]]  # linears that read the same input, in call order; uncalled targets last
+
+    def stats(self, names: list[str]) -> dict[str, dict]:
+        """Statistics of ``names`` (still float linears) from the block as it is now, e.g. with earlier
+        stages quantized; the forward passes stop after the last of them the block calls."""
+        order = [name for stage in self.stages for name in stage]
+        last = max(names, key=order.index)
+        return {n: s.as_dict() for n, s in _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last).stats.items()}
 
 
 def layer_sequential(
@@ -220,8 +267,9 @@ def layer_sequential(
 ) -> None:
     """Calibrate and quantize block by block from ``start_block`` on.
 
-    ``quantize_block(index, block_name, stats)`` must replace the block's target layers; the block is then
-    re-run so that the next block sees the quantized outputs. Blocks before ``start_block`` must already be
+    ``quantize_block(index, block_name, stats, block_pass)`` must replace the block's target layers; it may
+    quantize them stage by stage with ``block_pass`` (see :class:`BlockPass`). The block is then re-run so
+    that the next block sees the quantized outputs. Blocks before ``start_block`` must already be
     quantized (resume): their outputs are recomputed by running the model up to ``start_block``.
     """
     if start_block >= len(blocks):
@@ -229,8 +277,12 @@ def layer_sequential(
     inputs = capture_block_inputs(model, blocks[start_block][1], tokens, batch_size)
     for index in range(start_block, len(blocks)):
         name, block = blocks[index]
-        stats = collect_stats(block, targets_by_block.get(name, {}), inputs)
-        quantize_block(index, name, stats)
+        linears = targets_by_block.get(name, {})
+        collector = _collect(block, linears, inputs)
+        stages = list(collector.stages.values())
+        uncalled = [n for n in linears if n not in collector.stats]
+        stats = {n: s.as_dict() for n, s in collector.stats.items()}
+        quantize_block(index, name, stats, BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
         if index + 1 < len(blocks):
             inputs = run_block(block, inputs)
         logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
