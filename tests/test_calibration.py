@@ -87,6 +87,23 @@ def test_stats_are_token_normalized_input_hessians():
     assert torch.equal(stats["q"]["hessian"], stats["k"]["hessian"])  # shared input, computed once
 
 
+def test_statistics_passes_stop_at_the_last_linear_after_the_first_batch():
+    model = tiny_model()
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, _tokens(), batch_size=2)  # 3 batches
+    down_calls, up_calls = [], []
+    handles = [block.mlp.down_proj.register_forward_hook(lambda *a: down_calls.append(1)),
+               block.mlp.up_proj.register_forward_hook(lambda *a: up_calls.append(1))]
+    stats = collect_stats(block, {"down": block.mlp.down_proj, "gate": block.mlp.gate_proj}, inputs)
+    assert len(down_calls) == 1 and len(up_calls) == 3  # after batch 1, down's input is recorded but its matmul skipped
+    gate_only = collect_stats(block, {"gate": block.mlp.gate_proj}, inputs)
+    assert len(up_calls) == 4  # stops before up_proj from the second batch on
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(gate_only["gate"]["hessian"], stats["gate"]["hessian"])
+    assert stats["down"]["tokens"] == 6 * 16
+
+
 def test_next_block_is_calibrated_on_quantized_outputs():
     model = tiny_model()
     tokens = _tokens()

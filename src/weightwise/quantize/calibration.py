@@ -142,15 +142,16 @@ class LayerStats:
 
 @dataclass
 class _Collector:
-    """Forward hooks on a block's target linears accumulating LayerStats (shared inputs computed once)."""
+    """Forward pre-hooks on a block's target linears accumulating LayerStats (shared inputs computed once)."""
 
     stats: dict[str, LayerStats] = field(default_factory=dict)
     stages: dict[int, list[str]] = field(default_factory=dict)  # first chunk: input id → linears reading it, in call order
+    calls: list[str] = field(default_factory=list)  # first chunk: every hooked call, in order
     _cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _first_chunk: bool = True
 
     def hook(self, name: str, linear: nn.Linear):
-        def record(module, args, output):
+        def record(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
             key = id(args[0])
             if key not in self._cache:  # the cache keeps the input alive, so its id cannot be reused in this chunk
@@ -159,6 +160,7 @@ class _Collector:
             _, xtx, abs_sum, abs_max = self._cache[key]
             if self._first_chunk:
                 self.stages.setdefault(key, []).append(name)
+                self.calls.append(name)
             entry = self.stats.get(name)
             if entry is None:
                 self.stats[name] = LayerStats(xtx.clone(), abs_sum.clone(), abs_max.clone(), x.shape[0])
@@ -168,7 +170,7 @@ class _Collector:
                 torch.maximum(entry.abs_max, abs_max, out=entry.abs_max)
                 entry.tokens += x.shape[0]
 
-        return linear.register_forward_hook(record)
+        return linear.register_forward_pre_hook(record)
 
     def end_chunk(self) -> None:
         self._cache.clear()
@@ -210,16 +212,23 @@ def run_block(block: nn.Module, inputs: list[CapturedBatch]) -> list[CapturedBat
 
 
 def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch], stop_after: str | None = None) -> _Collector:
-    """Run ``block`` on every captured batch with statistics hooks on ``linears``; with ``stop_after``,
-    each forward pass ends right after that linear."""
+    """Run ``block`` on every captured batch with statistics hooks on ``linears``.
+
+    Only the linears' inputs are needed, so each forward pass ends as soon as the input of ``stop_after``
+    is recorded; without it, from the second batch on, as soon as the last linear the first batch called
+    is reached (when each was called once), which skips e.g. the down projection's matmul.
+    """
     collector = _Collector()
     handles = [collector.hook(name, linear) for name, linear in linears.items()]
 
-    def stop(module, args, output):
+    def stop(module, args):
         raise _StopForward
 
+    def stop_at(name: str) -> None:
+        handles.append(linears[name].register_forward_pre_hook(stop))  # runs after the statistics hook
+
     if stop_after is not None:
-        handles.append(linears[stop_after].register_forward_hook(stop))  # after the statistics hook
+        stop_at(stop_after)
     try:
         with torch.no_grad(), dequantized_once(block):
             for hidden, args, kwargs in inputs:
@@ -227,6 +236,9 @@ def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Captu
                     block(hidden, *args, **kwargs)
                 except _StopForward:
                     pass
+                if stop_after is None and collector.calls and len(set(collector.calls)) == len(collector.calls):
+                    stop_after = collector.calls[-1]
+                    stop_at(stop_after)
                 collector.end_chunk()
     finally:
         for handle in handles:

@@ -44,17 +44,20 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, damp growing 10× per failed attempt.
 
-    Returns (factor, damp used, retries). A factor is refused when either Cholesky reports a
-    non-positive pivot or yields non-finite entries.
+    One Cholesky and one triangular inverse, no explicit H⁻¹: with J the order-reversing permutation,
+    J H J = M Mᵀ (M lower) gives H⁻¹ = (J M⁻¹ J)ᵀ (J M⁻¹ J), and J M⁻¹ J is upper triangular with a
+    positive diagonal, so it is the upper Cholesky factor of H⁻¹ (about 2.5× fewer flops than inverting H
+    and factorising the inverse). Returns (factor, damp used, retries). A factor is refused when the
+    Cholesky reports a non-positive pivot or anything is non-finite.
     """
     mean_diag = h.diagonal().mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for retry in range(max_retries + 1):
         d = damp * 10**retry
-        lower, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex((h + d * mean_diag * eye).flip(0, 1))
         if info == 0 and torch.isfinite(lower).all():
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if torch.isfinite(upper).all():
                 return upper, d, retry
     raise WeightwiseError(
         f"GPTQ: the Hessian is not positive definite even with dampening {damp * 10**max_retries:g}·mean(diag) "
