@@ -1,10 +1,11 @@
-"""Issue 3's targets, checked against the measured results in bench/results/ (nothing is measured here).
+"""Issues 3 and 4's targets, checked against the measured results in bench/results/ (nothing is measured here).
 
-Reads the JSON the other benchmarks wrote (formats, methods*, *-eval from `weightwise eval`, peers,
-minilm), all on the same 16 pydoc eval windows of the default SmolLM2 (source ppl 15.092), and prints one
-row per target: the figure that decides it, where it comes from, and met / missed / not measured.
-Recipes that can represent the source's Q4_1 grid (asymmetric INT ≥ 4 with groups dividing 32) are
-left out of every comparison, as the issue asks.
+Issue 3 reads the JSON the other benchmarks wrote (formats, methods*, *-eval from `weightwise eval`,
+peers, peers-gptq-speed, minilm), all on the same 16 pydoc eval windows of the default SmolLM2 (source
+ppl 15.092). Recipes that can represent the source's Q4_1 grid (asymmetric INT ≥ 4 with groups dividing
+32) are left out of every comparison, as the issue asks. Issue 4 reads tune.json (bench/tune.py) and,
+for the patch size at density 5 %, tune-density05.json. One row per target: the figure that decides
+it, where it comes from, and met / missed / not measured.
 
     .venv/bin/python bench/targets.py
 """
@@ -57,7 +58,7 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else "**met**" if ok else "missed"
 
 
-def main() -> None:
+def issue3() -> list[str]:
     peers = load("peers.json") or {"rows": [], "source": {"ppl": None}}
     source_ppl = peers["source"]["ppl"] or 15.0918
     rows = weightwise_rows()
@@ -107,13 +108,59 @@ def main() -> None:
     if manifest:
         seconds = manifest["timings"]["quantize_seconds"]
         lines.append(f"| GPTQ 128 × 512 ≤ 10 min on 2 cores | {seconds:.0f} s (int3 g64, machine alone) | {verdict(seconds <= 600)} |")
-    ours = next((r for r in peers["rows"] if r["tool"] == "weightwise" and "GPTQ" in r["setting"]), None)
-    theirs = next((r for r in peers["rows"] if r["tool"] == "llm-compressor" and "W4" in r["setting"]), None)
+    speed_file = "peers-gptq-speed.json" if load("peers-gptq-speed.json") else "peers.json"
+    speed_rows = load(speed_file)["rows"] if load(speed_file) else []
+    ours = next((r for r in speed_rows if r["tool"] == "weightwise" and "GPTQ" in r["setting"] and "quantize_seconds" in r), None)
+    theirs = next((r for r in speed_rows if r["tool"] == "llm-compressor" and "W4" in r["setting"] and "quantize_seconds" in r), None)
     if ours and theirs:
         ratio = theirs["quantize_seconds"] / ours["quantize_seconds"]
-        lines.append(f"| GPTQ faster than llm-compressor's (same run) | weightwise {ours['quantize_seconds']:.0f} s, "
+        lines.append(f"| GPTQ faster than llm-compressor's (same run, {speed_file}) | weightwise {ours['quantize_seconds']:.0f} s, "
                      f"llm-compressor {theirs['quantize_seconds']:.0f} s: {ratio:.2f}× | {verdict(ratio > 1)} |")
-    print("\n".join(lines))
+    return lines
+
+
+def issue4() -> list[str]:
+    tune = load("tune.json")
+    if not tune:
+        return ["| issue 4 targets | – | not measured |"]
+    rows = tune["rows"]
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    lift, full, lora = rows.get("lift"), rows.get("full"), rows.get("lora")
+    before = next(r["before"] for r in rows.values() if r.get("before"))
+    ppl0 = before["retention"]["ppl"]
+
+    def accuracy(r: dict) -> float:
+        return r["after"]["exact_match"]["accuracy"]
+
+    def delta_ppl(r: dict) -> float:
+        return r["after"]["retention"]["ppl"] - ppl0
+
+    if lift and full:
+        lines.append(f"| LIFT accuracy ≥ full fine-tuning's − 1 point | {accuracy(lift):.3f} vs full {accuracy(full):.3f} | "
+                     f"{verdict(accuracy(lift) >= accuracy(full) - 0.01 - 1e-9)} |")
+        lines.append(f"| LIFT retention: ΔPPL ≤ 0.5 × full's | {delta_ppl(lift):+.3f} vs full {delta_ppl(full):+.3f} | "
+                     f"{verdict(delta_ppl(lift) <= 0.5 * delta_ppl(full))} |")
+        share = lift["optimizer_state_bytes"] / full["optimizer_state_bytes"]
+        lines.append(f"| LIFT optimizer state ≤ 6 % of full's | {lift['optimizer_state_bytes'] / 1e6:.1f} MB vs "
+                     f"{full['optimizer_state_bytes'] / 1e6:.1f} MB: {share:.1%} | {verdict(share <= 0.06)} |")
+    if lift and lora:
+        lines.append(f"| LIFT accuracy ≥ LoRA's | {accuracy(lift):.3f} vs LoRA {accuracy(lora):.3f} | "
+                     f"{verdict(accuracy(lift) >= accuracy(lora))} |")
+        rss = lift["train"]["peak_rss_mb"] / lora["train"]["peak_rss_mb"]
+        lines.append(f"| LIFT peak RSS ≤ 1.15 × LoRA's | {lift['train']['peak_rss_mb']:.0f} MB vs {lora['train']['peak_rss_mb']:.0f} MB: "
+                     f"{rss:.2f}× | {verdict(rss <= 1.15)} |")
+    dense = (load("tune-density05.json") or {}).get("rows", {}).get("lift")
+    if dense and dense.get("result_bytes") and dense.get("model_params"):
+        fraction = dense["result_bytes"] / (2 * dense["model_params"])
+        lines.append(f"| patch ≤ 1/15 of the fp16 model at density 5 % | {dense['result_bytes'] / 1e6:.2f} MB: 1/{1 / fraction:.1f} | "
+                     f"{verdict(fraction <= 1 / 15)} |")
+    else:
+        lines.append("| patch ≤ 1/15 of the fp16 model at density 5 % | – | not measured |")
+    return lines
+
+
+def main() -> None:
+    print("Issue 3\n\n" + "\n".join(issue3()) + "\n\nIssue 4\n\n" + "\n".join(issue4()))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def run_method(method: str, args, out: Path, eval_before: bool) -> dict:
               "retention_max_tokens": args.retention_tokens, "eval_before": eval_before,
               "checkpoint_every": args.checkpoint_every, "refresh_every": args.refresh_every}
     if method in ("lift", "magnitude", "random"):
-        config["rank_budget"] = args.rank
+        config.update({"density": args.density} if args.density else {"rank_budget": args.rank})
     if method == "lora":
         config["lora_rank"] = args.rank
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--retention-tokens", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank; sparse methods train the same count")
+    parser.add_argument("--density", type=float, default=None, help="sparse methods train this fraction of each matrix instead")
     parser.add_argument("--refresh-every", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
@@ -112,9 +113,12 @@ def main() -> None:
 
     model, _ = load_model(args.model)
     model_params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    for row in rows.values():
+        row["model_params"] = model_params
     table = markdown(rows, model_params)
+    budget = f"density {args.density}" if args.density else f"rank budget {args.rank}"
     print(f"SmolLM2-135M-Instruct, arithmetic: {args.steps} steps × {args.batch_size} examples, "
-          f"{args.test_examples} test problems, rank budget {args.rank}, seed {args.seed}\n")
+          f"{args.test_examples} test problems, {budget}, seed {args.seed}\n")
     print(table)
     write_json_atomic(args.out, {"settings": vars(args) | {"runs": str(args.runs), "out": str(args.out)},
                                  "lr": LR, "versions": environment_versions(), "rows": rows})

@@ -180,3 +180,45 @@ def test_gptq_respects_power_of_two_scales(mode):
     exps = torch.log2(group_scales(qt).abs())
     assert torch.equal(exps, exps.round()) if mode == "all" else qt.scale_shifts is not None
     assert output_error(w, dequantize(qt), h) <= output_error(w, dequantize(quantize_tensor(w, spec)), h)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4_asym", "int3", "nf4", "fp4_e2m1"])
+def test_least_squares_scales_never_raise_the_output_error(name):
+    weight, _, hessian = _layer(seed=3)
+    spec = QuantSpec(format=name, group_size=16)
+    plain, _ = gptq(weight, spec, hessian)
+    refit, diagnostics = gptq(weight, spec, hessian, least_squares_scales=True)
+    assert torch.equal(unpacked_codes(plain), unpacked_codes(refit))  # same codes, new scales
+    before, after = output_error(weight, dequantize(plain), hessian), output_error(weight, dequantize(refit), hessian)
+    assert after <= before
+    if diagnostics["refit_rows"]:
+        assert after < before
+
+
+def test_least_squares_scales_recover_the_true_scales_of_exact_codes():
+    torch.manual_seed(0)
+    spec = QuantSpec(format="int4_asym", group_size=8, scale_dtype="fp32")
+    codes = torch.randint(0, 16, (4, 32), dtype=torch.uint8)
+    codes[:, ::8], codes[:, 1::8] = 0, 15  # every group spans the whole code range
+    true_scale, true_offset = torch.rand(4, 4) + 0.5, torch.randn(4, 4)
+    weight = from_codes(to_groups(codes.float(), spec).to(torch.uint8), true_scale, true_offset, spec.number_format)
+    weight = from_groups(weight, (4, 32))
+    x = torch.randn(256, 32)
+    from weightwise.quantize.methods.gptq import refit_scales
+
+    scale, offset, changed = refit_scales(weight, codes, true_scale * 1.3, true_offset - 0.2, spec, x.T @ x / 256)
+    assert changed == 4
+    torch.testing.assert_close(scale, true_scale, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(offset, true_offset, rtol=1e-5, atol=1e-5)
+
+
+def test_least_squares_scales_skip_constrained_scales():
+    from weightwise.quantize.methods.gptq import can_refit
+
+    assert can_refit(QuantSpec(format="int4", group_size=16), (8, 64))
+    assert not can_refit(QuantSpec(format="mxfp4"), (8, 64))
+    assert not can_refit(QuantSpec(format="int4", group_size=16, pow2_scales="all"), (8, 64))
+    assert not can_refit(QuantSpec(format="int4", group_size=48, pad=True), (8, 64))
+    weight, _, hessian = _layer(seed=1)
+    _, diagnostics = gptq(weight, QuantSpec(format="int4", group_size=16, pow2_scales="all"), hessian, least_squares_scales=True)
+    assert "refit_rows" not in diagnostics

@@ -42,6 +42,7 @@ class GPTQConfig(BaseModel):
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
     act_order: bool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal (its effect is measured in bench/README.md).")
     static_groups: bool = Field(True, description="Group scales from the weights before GPTQ (True) or refitted at each group's first column (False).")
+    refit_scales: bool = Field(False, description="After GPTQ, refit each row's group scales (and offsets) to the chosen codes by least squares under H.")
 
 
 class FPSearchConfig(BaseModel):
@@ -110,7 +111,8 @@ def _rtn(config: RTNConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict |
 
 def _gptq(config: GPTQConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict | None) -> tuple[QuantizedTensor, dict]:
     return gptq(weight, spec, stats["hessian"], damp=config.damp, block_size=config.block_size,
-                act_order=config.act_order, static_groups=config.static_groups)
+                act_order=config.act_order, static_groups=config.static_groups,
+                least_squares_scales=config.refit_scales)
 
 
 def _fpsearch(config: FPSearchConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict | None) -> tuple[QuantizedTensor, dict]:

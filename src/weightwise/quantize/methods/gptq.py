@@ -18,6 +18,7 @@ from weightwise.formats.quantizer import (
     compute_ratio_scales,
     compute_scales,
     decode_scale,
+    encode_scale,
     from_codes,
     group_layout,
     ratio_group_scales,
@@ -39,6 +40,51 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     if row_weights is not None:
         per_row = per_row * row_weights.to(torch.float64)
     return float(per_row.sum())
+
+
+def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 spec: QuantSpec, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Least-squares scales (and offsets) for fixed codes under the output error tr((W − Ŵ) H (W − Ŵ)ᵀ).
+
+    Each dequantized entry is ``v(code)·s + o``, linear in its group's (s, o), so per output row the best
+    scales solve a small (G or 2G)² system: θ = (Aᵀ H A)⁻¹ Aᵀ H w, A holding each group's code values
+    (and ones). GPTQ chooses the codes with error feedback, so the max-based scales they were rounded
+    with are not the best ones for them. Scales are stored in the recipe's dtype; a row keeps its old
+    scales when the new ones are not positive and finite, or (after storage rounding) not better.
+    Returns (scale, offset, rows changed). Needs whole groups (no padding) and free scales (no MX or
+    power-of-two constraints).
+    """
+    rows, cols = weight.shape
+    _, n_groups, g = group_layout((rows, cols), spec)
+    fmt, dtype = spec.number_format, spec.resolved_scale_dtype
+    h = hessian.to(torch.float64)
+    values = fmt.code_values(codes).to(torch.float64).reshape(rows, n_groups, g)
+    basis = values.unsqueeze(1) if offset is None else torch.stack([values, torch.ones_like(values)], dim=1)  # (r, k, G, g)
+    n_params = basis.shape[1] * n_groups
+    h4 = h.reshape(n_groups, g, n_groups, g)
+    gram = torch.einsum("rkai,aibj,rlbj->rkalb", basis, h4, basis).reshape(rows, n_params, n_params)
+    rhs = torch.einsum("rkai,rai->rka", basis, (weight.to(torch.float64) @ h).reshape(rows, n_groups, g)).reshape(rows, n_params)
+    ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    theta = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(n_params, dtype=gram.dtype), rhs.unsqueeze(-1))[..., 0]
+    theta = theta.reshape(rows, -1, n_groups)
+    new_scale = encode_scale(theta[:, 0].to(torch.float32), dtype)
+    new_offset = None if offset is None else encode_scale(theta[:, 1].to(torch.float32), dtype)
+
+    def row_errors(s_stored, o_stored):
+        approx = from_codes(codes.reshape(rows, n_groups, g), decode_scale(s_stored, dtype),
+                            None if o_stored is None else decode_scale(o_stored, dtype), fmt).reshape(rows, cols)
+        e = (weight - approx).to(torch.float64)
+        return ((e @ h) * e).sum(dim=1)
+
+    new_s = decode_scale(new_scale, dtype)
+    ok = torch.isfinite(new_s).all(dim=1) & (new_s > 0).all(dim=1)
+    if new_offset is not None:
+        ok &= torch.isfinite(decode_scale(new_offset, dtype)).all(dim=1)
+    ok &= row_errors(new_scale, new_offset) < row_errors(scale, offset)
+    keep = ~ok[:, None]
+    scale = torch.where(keep, scale, new_scale)
+    offset = None if offset is None else torch.where(keep, offset, new_offset)
+    return scale, offset, int(ok.sum())
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
@@ -75,6 +121,7 @@ def gptq(
     act_order: bool = False,
     static_groups: bool = True,
     max_damp_retries: int = 6,
+    least_squares_scales: bool = False,
 ) -> tuple[QuantizedTensor, dict]:
     """Quantize ``weight`` (out, in) to ``spec`` with GPTQ under ``hessian`` (in, in) = XᵀX / n.
 
@@ -91,7 +138,10 @@ def gptq(
       contiguous group of original columns. Codes and scales are returned in the original order.
     - Error updates are applied lazily, ``block_size`` columns at a time.
 
-    Returns the quantized tensor and diagnostics ``{"damp", "retries", "proxy_loss"}``;
+    - ``least_squares_scales``: afterwards, each row's scales (and offsets) are refitted to the chosen codes by least
+      squares under H (:func:`refit_scales`), where the format allows free scales.
+
+    Returns the quantized tensor and diagnostics ``{"damp", "retries", "proxy_loss"}`` (+ ``"refit_rows"``);
     ``proxy_loss`` is the sum of GPTQ's per-column losses (w − q)² / [H_F⁻¹]_qq, which equals
     ``output_error`` under the dampened Hessian (with dead columns zeroed).
     """
@@ -160,5 +210,16 @@ def gptq(
         loss += err.square().sum()
 
     codes = codes_t.T[:, torch.argsort(perm)]
+    diagnostics = {"damp": damp, "retries": retries, "proxy_loss": float(loss)}
+    if least_squares_scales and can_refit(spec, (rows, cols)):
+        damped = h + damp * h.diagonal().mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
+        scale, offset, diagnostics["refit_rows"] = refit_scales(w, codes, scale, offset, spec, damped)
     qt = QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, (rows, cols), spec, shifts)
-    return qt, {"damp": damp, "retries": retries, "proxy_loss": float(loss)}
+    return qt, diagnostics
+
+
+def can_refit(spec: QuantSpec, shape: tuple[int, int]) -> bool:
+    """Whether :func:`refit_scales` applies: free (not MX / power-of-two) scales over whole groups."""
+    _, n_groups, g = group_layout(shape, spec)
+    return (spec.number_format.scaling != "mx" and spec.pow2_scales == "none" and spec.resolved_scale_dtype != "e8m0"
+            and spec.granularity != "tensor" and n_groups * g == shape[1])
