@@ -11,6 +11,7 @@ from weightwise.quantize.calibration import (
     calibration_tokens,
     capture_block_inputs,
     collect_stats,
+    gram,
     layer_sequential,
     run_block,
 )
@@ -172,3 +173,11 @@ def test_true_sequential_gptq_runs_stage_by_stage_and_changes_later_stages_only(
         assert torch.equal(runs[False][first_block + suffix].dequantized_weight(), runs[True][first_block + suffix].dequantized_weight())
     later = runs[True][first_block + "mlp.down_proj"].dequantized_weight()
     assert not torch.equal(runs[False][first_block + "mlp.down_proj"].dequantized_weight(), later)
+
+
+@pytest.mark.parametrize("d", [1, 5, 192, 200, 577])
+def test_gram_mirrors_the_upper_blocks_exactly(d):
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(d))
+    got = gram(x)
+    torch.testing.assert_close(got, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[:192, 192:], got[192:, :192].T)  # the lower blocks are mirrored copies

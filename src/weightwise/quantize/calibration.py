@@ -140,6 +140,19 @@ class LayerStats:
                 "tokens": self.tokens}
 
 
+def gram(x: torch.Tensor, block: int = 192) -> torch.Tensor:
+    """xᵀx for x (n, d), computing only the upper block triangle and mirroring it: about (k + 1) / 2k of
+    the multiplications for k column blocks (a third less time at d = 576 or 1536 on a CPU)."""
+    d = x.shape[1]
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        strip = x[:, start:stop].T @ x[:, start:]
+        out[start:stop, start:] = strip
+        out[stop:, start:stop] = strip[:, stop - start :].T
+    return out
+
+
 @dataclass
 class _Collector:
     """Forward pre-hooks on a block's target linears accumulating LayerStats (shared inputs computed once)."""
@@ -156,7 +169,7 @@ class _Collector:
             key = id(args[0])
             if key not in self._cache:  # the cache keeps the input alive, so its id cannot be reused in this chunk
                 absx = x.abs()
-                self._cache[key] = (args[0], x.T @ x, absx.sum(dim=0), absx.amax(dim=0))
+                self._cache[key] = (args[0], gram(x), absx.sum(dim=0), absx.amax(dim=0))
             _, xtx, abs_sum, abs_max = self._cache[key]
             if self._first_chunk:
                 self.stages.setdefault(key, []).append(name)
