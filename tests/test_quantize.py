@@ -238,3 +238,17 @@ def test_dequantized_once_gives_the_same_outputs_and_is_released():
             cached = qmodel(ids).logits
     assert torch.equal(plain, cached)
     assert all(m._weight_cache is None for m in _qlinears(qmodel).values())
+
+
+def test_public_api_functions_stay_callable_after_their_packages_are_imported():
+    import subprocess
+    import sys
+
+    code = ("import weightwise as ww, weightwise.quantize.recipe, weightwise.tune.lift\n"
+            "from conftest import tiny_model\n"
+            "q = ww.quantize(tiny_model(), {'format': 'int4', 'group_size': 16})\n"
+            "assert isinstance(q.model.layers[0].mlp.down_proj, ww.QuantizedLinear)\n"
+            "assert callable(ww.tune) and ww.quantize.QuantRecipe is ww.QuantRecipe\n")
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests_dir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -2,12 +2,13 @@
 training loop (loop.py) with its methods registry (methods.py), the API (api.py) and sparse weight
 patches (patch.py).
 
-Imported lazily, so that ``import weightwise.tune.lift`` does not pay for peft or transformers.
+Imported lazily, so that ``import weightwise.tune.lift`` does not pay for peft or transformers. The
+package is callable as ``weightwise.tune(...)`` (see ``weightwise._callable``).
 """
 
-import sys
-import types
 from importlib import import_module
+
+from weightwise._callable import make_callable
 
 _API = {
     "METHODS": "weightwise.tune.methods",
@@ -25,13 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'weightwise.tune' has no attribute {name!r}")
 
 
-class _CallableModule(types.ModuleType):
-    """``weightwise.tune`` is both this package and the ``tune`` function of the public API: once any
-    ``weightwise.tune.*`` module is imported, Python binds ``weightwise.tune`` to the package, so the
-    package forwards calls to :func:`weightwise.tune.api.tune`."""
-
-    def __call__(self, *args, **kwargs):
-        return import_module("weightwise.tune.api").tune(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, "weightwise.tune.api", "tune")
