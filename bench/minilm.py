@@ -32,15 +32,21 @@ from weightwise.quantize.recipe import QuantRecipe
 
 FP32_LINEARS = r"\.layer\.\d+\."  # the encoder blocks' linears, for the fp32 row's bits/weight
 
-# (format, group size: 0 = per output channel, method)
-FULL = [("int8", 0, "rtn"), ("int4", 128, "rtn"), ("int4", 128, "gptq"), ("nf4", 64, "rtn"),
-        ("int3", 128, "rtn"), ("int3", 128, "gptq")]
+LS_GPTQ = {"name": "gptq", "refit_scales": True}
+# (format, group size: 0 = per output channel, method name or config)
+FULL = [("int8", 0, "rtn"), ("int4", 128, "rtn"), ("int4", 128, "gptq"), ("int4", 128, LS_GPTQ), ("int4_asym", 128, "gptq"),
+        ("int4_asym", 128, LS_GPTQ), ("nf4", 64, "rtn"), ("int3", 128, "rtn"), ("int3", 128, "gptq")]
 QUICK = [("int8", 0, "rtn"), ("int4", 128, "rtn"), ("int4", 128, "gptq")]
 
 
-def recipe(fmt: str, group: int, method: str, calibration: CalibrationConfig) -> QuantRecipe:
+def recipe(fmt: str, group: int, method: str | dict, calibration: CalibrationConfig) -> QuantRecipe:
     grouping = {"granularity": "channel"} if group == 0 else {"group_size": group}
     return QuantRecipe(format=fmt, method=method, calibration=calibration, **grouping)
+
+
+def label(r: QuantRecipe) -> str:
+    """describe() plus the GPTQ option that distinguishes rows here."""
+    return describe(r) + (" + least-squares scales" if getattr(r.method, "refit_scales", False) else "")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -75,10 +81,10 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         cosine = embedding_cosine(reference, sentence_embeddings(qmodel, tokenizer, texts))
         size = model_size(qmodel)
-        rows.append({"name": describe(r), "recipe": r.model_dump(mode="json"), "quantize_seconds": seconds,
+        rows.append({"name": label(r), "recipe": r.model_dump(mode="json"), "quantize_seconds": seconds,
                      "bits_per_weight": size["bits_per_weight"], "total_bytes": size["total_bytes"],
                      **{f"cosine_{k}": v for k, v in cosine.items()}})
-        print(f"{describe(r)}: mean cosine {cosine['mean']:.5f}, min {cosine['min']:.4f} ({seconds:.1f} s)", flush=True)
+        print(f"{label(r)}: mean cosine {cosine['mean']:.5f}, min {cosine['min']:.4f} ({seconds:.1f} s)", flush=True)
         del qmodel
         gc.collect()
     table = markdown(rows)
