@@ -34,19 +34,23 @@ FP32_LINEARS = r"\.layer\.\d+\."  # the encoder blocks' linears, for the fp32 ro
 
 LS_GPTQ = {"name": "gptq", "refit_scales": True}
 # (format, group size: 0 = per output channel, method name or config)
-FULL = [("int8", 0, "rtn"), ("int4", 128, "rtn"), ("int4", 128, "gptq"), ("int4", 128, LS_GPTQ), ("int4_asym", 128, "gptq"),
-        ("int4_asym", 128, LS_GPTQ), ("nf4", 64, "rtn"), ("int3", 128, "rtn"), ("int3", 128, "gptq")]
-QUICK = [("int8", 0, "rtn"), ("int4", 128, "rtn"), ("int4", 128, "gptq")]
+# (format, group size: 0 = per output channel, method name or config, bias correction)
+FULL = [("int8", 0, "rtn", False), ("int4", 128, "rtn", False), ("int4", 128, "rtn", True), ("int4", 128, "gptq", False),
+        ("int4", 128, LS_GPTQ, False), ("int4", 128, "gptq", True), ("int4_asym", 128, "gptq", False),
+        ("int4_asym", 128, LS_GPTQ, False), ("int4_asym", 128, LS_GPTQ, True), ("nf4", 64, "rtn", False),
+        ("int3", 128, "rtn", False), ("int3", 128, "gptq", False)]
+QUICK = [("int8", 0, "rtn", False), ("int4", 128, "rtn", False), ("int4", 128, "gptq", False)]
 
 
-def recipe(fmt: str, group: int, method: str | dict, calibration: CalibrationConfig) -> QuantRecipe:
+def recipe(fmt: str, group: int, method: str | dict, bias_correction: bool, calibration: CalibrationConfig) -> QuantRecipe:
     grouping = {"granularity": "channel"} if group == 0 else {"group_size": group}
-    return QuantRecipe(format=fmt, method=method, calibration=calibration, **grouping)
+    return QuantRecipe(format=fmt, method=method, calibration=calibration, bias_correction=bias_correction, **grouping)
 
 
 def label(r: QuantRecipe) -> str:
-    """describe() plus the GPTQ option that distinguishes rows here."""
-    return describe(r) + (" + least-squares scales" if getattr(r.method, "refit_scales", False) else "")
+    """describe() plus the options that distinguish rows here."""
+    return (describe(r) + (" + least-squares scales" if getattr(r.method, "refit_scales", False) else "")
+            + (" + bias correction" if r.bias_correction else ""))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -74,8 +78,8 @@ def main() -> None:
     size = model_size(model, linear_pattern=FP32_LINEARS)
     rows = [{"name": "source fp32", "recipe": None, "quantize_seconds": None, "bits_per_weight": size["bits_per_weight"],
              "total_bytes": size["total_bytes"], "cosine_mean": 1.0, "cosine_min": 1.0, "cosine_p05": 1.0}]
-    for fmt, group, method in QUICK if args.quick else FULL:
-        r = recipe(fmt, group, method, calibration)
+    for fmt, group, method, bias_correction in QUICK if args.quick else FULL:
+        r = recipe(fmt, group, method, bias_correction, calibration)
         t0 = time.perf_counter()
         qmodel = quantize(model, r, tokenizer=tokenizer)
         seconds = time.perf_counter() - t0

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from weightwise.errors import WeightwiseError
-from weightwise.quantize import QuantizedLinear, quantization_record, quantize
+from weightwise.quantize import QuantizedLinear, QuantRecipe, quantization_record, quantize
 
 CALIB = {"samples": 8, "seq_len": 32, "batch_size": 4}
 
@@ -117,3 +117,38 @@ def test_planner_with_target_mb_and_gptq():
 def test_size_target_and_overrides_conflict():
     with pytest.raises(WeightwiseError, match="conflict"):
         quantize(tiny_model(), {"target_bpw": 3, "overrides": [{"pattern": "q_proj", "skip": True}]})
+
+
+def _block0_q_proj_outputs(model, tokens):
+    """Outputs of block 0's q_proj on the calibration tokens (its inputs are the same in every model)."""
+    from weightwise.quantize.calibration import capture_block_inputs
+
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, tokens, 4)
+    with torch.no_grad():
+        return torch.cat([block.self_attn.q_proj(block.input_layernorm(h)).reshape(-1, block.self_attn.q_proj.out_features)
+                          for h, *_ in inputs])
+
+
+def test_bias_correction_removes_the_mean_output_error_of_layers_with_a_bias():
+    tokens = torch.randint(1, 96, (8, 32), generator=torch.Generator().manual_seed(0))
+    source = tiny_model(attention_bias=True, mlp_bias=True)
+    reference = _block0_q_proj_outputs(source, tokens)
+    errors = {}
+    for correct in (False, True):
+        recipe = QuantRecipe(format="int3", group_size=16, bias_correction=correct,
+                             calibration={"samples": 8, "seq_len": 32, "batch_size": 4})
+        qmodel = quantize(source, recipe, calibration=tokens)
+        errors[correct] = (_block0_q_proj_outputs(qmodel, tokens) - reference).mean(dim=0).abs().max().item()
+    assert errors[True] < 1e-4 < errors[False]  # rtn leaves a mean shift; the corrected bias removes it
+    assert recipe.needs_calibration
+
+
+def test_bias_correction_leaves_layers_without_a_bias_alone():
+    tokens = torch.randint(1, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    runs = [quantize(tiny_model(), QuantRecipe(format="int4", group_size=16, method="gptq", bias_correction=flag,
+                                               calibration={"samples": 8, "seq_len": 32, "batch_size": 4}), calibration=tokens)
+            for flag in (False, True)]
+    for (name, a), b in zip(runs[0].named_modules(), runs[1].modules()):
+        if isinstance(a, QuantizedLinear):
+            assert a.bias is None and torch.equal(a.dequantized_weight(), b.dequantized_weight()), name

@@ -117,6 +117,7 @@ def quantize_cmd(
     target_mb: Annotated[Optional[float], typer.Option("--target-mb", help=_R["target_mb"].description)] = None,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq, awq, fpsearch and SmoothQuant: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help=CalibrationConfig.model_fields["true_sequential"].description)] = False,
+    bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help=_R["bias_correction"].description)] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -135,7 +136,7 @@ def quantize_cmd(
     recipe = _build(QuantRecipe, config, _given(format=format, group_size=group_size, granularity=granularity,
                                                 scale_dtype=scale_dtype, method=method, targets=targets, ignore=ignore, pad=pad,
                                                 lorc_rank=lorc_rank, pow2_scales=pow2_scales, target_bpw=target_bpw, target_mb=target_mb,
-                                                act_format=act_format, smoothquant_alpha=smoothquant_alpha,
+                                                act_format=act_format, smoothquant_alpha=smoothquant_alpha, bias_correction=bias_correction,
                                                 calibration=CalibrationConfig.parse(calib).model_dump() if calib else None))
     if search_fp and recipe.method.name != "fpsearch":  # keeps a YAML's fpsearch options when it names the method
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "method": "fpsearch"})

@@ -105,11 +105,18 @@ def quantize(
     def quantize_layer(name: str, stats: dict | None) -> QuantizedLinear:
         weight = modules[name].weight.detach().to(torch.float32)
         spec, rank = plan[name], ranks[name]
+        mean = None
+        if recipe.bias_correction and modules[name].bias is not None and stats and "act_mean" in stats:
+            mean = stats["act_mean"].to(torch.float32)
+            stats = {**stats, "hessian": stats["hessian"] - torch.outer(mean, mean)}  # the covariance: the mean goes to the bias
         qt, diagnostics = run_method(recipe.method, weight, spec, stats)
         factors = None
         if rank:
             factors = low_rank_compensation(weight - dequantize(qt), rank, recipe.lorc_dtype)
         qlinear = QuantizedLinear.from_quantized(qt, modules[name].bias, factors, recipe.lorc_dtype, recipe.act_format)
+        if mean is not None:  # the mean output error, moved into the bias
+            with torch.no_grad():
+                qlinear.bias += ((weight - qlinear.dequantized_weight()) @ mean).to(qlinear.bias.dtype)
         # qt.spec, not spec: a searching method (fpsearch) may choose another format than planned
         record = {"spec": qt.spec.model_dump(exclude_none=True), "stored_bits": qlinear.stored_bits(),
                   "sqnr_db": weight_sqnr_db(weight, qlinear.dequantized_weight())}

@@ -3,7 +3,7 @@ linear layers' inputs, let the caller quantize the block, then feed the *quantiz
 to block i + 1. Peak memory is one block's activations plus its statistics.
 
 Statistics per linear layer (float32, token-normalized): the input Hessian H = XᵀX / n, the
-per-input-channel mean |x| and max |x|. Inputs shared by several linears (q/k/v, gate/up) are multiplied once.
+per-input-channel mean x, mean |x| and max |x|. Inputs shared by several linears (q/k/v, gate/up) are multiplied once.
 
 Within a block, the linears fall into *stages*: the groups that read the same input, in the order the
 block calls them (q/k/v → o → gate/up → down for llama; query/key/value → attention output →
@@ -130,14 +130,15 @@ class LayerStats:
     """Running input statistics of one linear layer."""
 
     hessian: torch.Tensor
+    total: torch.Tensor
     abs_sum: torch.Tensor
     abs_max: torch.Tensor
     tokens: int = 0
 
     def as_dict(self) -> dict:
         n = max(self.tokens, 1)
-        return {"hessian": self.hessian / n, "act_abs_mean": self.abs_sum / n, "act_abs_max": self.abs_max,
-                "tokens": self.tokens}
+        return {"hessian": self.hessian / n, "act_mean": self.total / n, "act_abs_mean": self.abs_sum / n,
+                "act_abs_max": self.abs_max, "tokens": self.tokens}
 
 
 def gram(x: torch.Tensor, block: int = 192) -> torch.Tensor:
@@ -169,16 +170,17 @@ class _Collector:
             key = id(args[0])
             if key not in self._cache:  # the cache keeps the input alive, so its id cannot be reused in this chunk
                 absx = x.abs()
-                self._cache[key] = (args[0], gram(x), absx.sum(dim=0), absx.amax(dim=0))
-            _, xtx, abs_sum, abs_max = self._cache[key]
+                self._cache[key] = (args[0], gram(x), x.sum(dim=0), absx.sum(dim=0), absx.amax(dim=0))
+            _, xtx, total, abs_sum, abs_max = self._cache[key]
             if self._first_chunk:
                 self.stages.setdefault(key, []).append(name)
                 self.calls.append(name)
             entry = self.stats.get(name)
             if entry is None:
-                self.stats[name] = LayerStats(xtx.clone(), abs_sum.clone(), abs_max.clone(), x.shape[0])
+                self.stats[name] = LayerStats(xtx.clone(), total.clone(), abs_sum.clone(), abs_max.clone(), x.shape[0])
             else:
                 entry.hessian += xtx
+                entry.total += total
                 entry.abs_sum += abs_sum
                 torch.maximum(entry.abs_max, abs_max, out=entry.abs_max)
                 entry.tokens += x.shape[0]

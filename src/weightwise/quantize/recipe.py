@@ -66,6 +66,10 @@ class QuantRecipe(BaseModel):
         "are quantized, each scaling group's input channel j is divided by s_j = max|x_j|^α / max|W_:,j|^(1−α) in the "
         "preceding norm or linear and the weights' column j multiplied by it (the float model is unchanged); moves "
         "activation outliers into the weights, for act_format. Needs calibration data. Default: off.")
+    bias_correction: bool = Field(
+        False, description="For layers that have a bias: quantize against the centered input statistics (the input "
+        "covariance instead of the second moment) and add the mean output error (W − Ŵ)·E[x] to the bias, so the "
+        "systematic part of the error is removed at no storage cost. Needs calibration data. Default: off.")
     method: MethodConfig = Field(
         default_factory=RTNConfig,
         description="Quantization method: rtn, gptq, fpsearch or awq (a name, or a mapping with `name` and the method's options).",
@@ -136,7 +140,7 @@ class QuantRecipe(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing with this recipe runs layer-sequential calibration."""
-        return type(self.method).needs_calibration or self.smoothquant_alpha is not None
+        return type(self.method).needs_calibration or self.smoothquant_alpha is not None or self.bias_correction
 
     def block_steps(self) -> list[BlockStep]:
         """Block-level transforms run, in order, before a calibrated block's layers are quantized
