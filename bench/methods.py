@@ -33,6 +33,7 @@ RECIPES: dict[str, dict] = {
     "rtn-int3-g64": {"format": "int3", "group_size": 64},
     "gptq-int3-g64": {"format": "int3", "group_size": 64, "method": "gptq", "calibration": CALIB},
     "gptq-int3-g64-lorc8": {"format": "int3", "group_size": 64, "method": "gptq", "lorc_rank": 8, "calibration": CALIB},
+    "gptq-int3-g64-ls": {"format": "int3", "group_size": 64, "method": {"name": "gptq", "refit_scales": True}, "calibration": CALIB},
     "awq-int3-g64": {"format": "int3", "group_size": 64, "method": "awq", "calibration": CALIB_SMALL},
     "awq+gptq-int3-g64": {"format": "int3", "group_size": 64, "method": {"name": "awq", "then": "gptq"}, "calibration": CALIB_SMALL},
     "gptq-int4-g64": {"format": "int4", "group_size": 64, "method": "gptq", "calibration": CALIB},
