@@ -161,7 +161,7 @@ class _Collector:
     stats: dict[str, LayerStats] = field(default_factory=dict)
     stages: dict[int, list[str]] = field(default_factory=dict)  # first chunk: input id → linears reading it, in call order
     calls: list[str] = field(default_factory=list)  # first chunk: every hooked call, in order
-    _cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # per chunk: input id → (input, XᵀX, Σx, Σ|x|, max|x|)
     _first_chunk: bool = True
 
     def hook(self, name: str, linear: nn.Linear):
@@ -190,6 +190,9 @@ class _Collector:
     def end_chunk(self) -> None:
         self._cache.clear()
         self._first_chunk = False
+
+    def results(self) -> dict[str, dict]:
+        return {name: stats.as_dict() for name, stats in self.stats.items()}
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[CapturedBatch]:
@@ -263,7 +266,7 @@ def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Captu
 
 def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch]) -> dict[str, dict]:
     """Input statistics of ``linears`` (names → modules inside ``block``) over every captured batch."""
-    return {name: stats.as_dict() for name, stats in _collect(block, linears, inputs).stats.items()}
+    return _collect(block, linears, inputs).results()
 
 
 @dataclass
@@ -280,7 +283,7 @@ class BlockPass:
         stages quantized; the forward passes stop after the last of them the block calls."""
         order = [name for stage in self.stages for name in stage]
         last = max(names, key=order.index)
-        return {n: s.as_dict() for n, s in _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last).stats.items()}
+        return _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last).results()
 
 
 def layer_sequential(
@@ -289,7 +292,7 @@ def layer_sequential(
     targets_by_block: dict[str, dict[str, nn.Linear]],
     tokens: torch.Tensor,
     batch_size: int,
-    quantize_block: Callable[[int, str, dict[str, dict]], None],
+    quantize_block: Callable[[int, str, dict[str, dict], BlockPass], None],
     start_block: int = 0,
 ) -> None:
     """Calibrate and quantize block by block from ``start_block`` on.
@@ -308,8 +311,7 @@ def layer_sequential(
         collector = _collect(block, linears, inputs)
         stages = list(collector.stages.values())
         uncalled = [n for n in linears if n not in collector.stats]
-        stats = {n: s.as_dict() for n, s in collector.stats.items()}
-        quantize_block(index, name, stats, BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
+        quantize_block(index, name, collector.results(), BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
         if index + 1 < len(blocks):
             inputs = run_block(block, inputs)
         logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
