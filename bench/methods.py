@@ -34,6 +34,8 @@ RECIPES: dict[str, dict] = {
     "gptq-int3-g64": {"format": "int3", "group_size": 64, "method": "gptq", "calibration": CALIB},
     "gptq-int3-g64-lorc8": {"format": "int3", "group_size": 64, "method": "gptq", "lorc_rank": 8, "calibration": CALIB},
     "gptq-int3-g64-ls": {"format": "int3", "group_size": 64, "method": {"name": "gptq", "refit_scales": True}, "calibration": CALIB},
+    "gptq-int3-g64-clip-ls4": {"format": "int3", "group_size": 64, "calibration": CALIB,
+                               "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
     "awq-int3-g64": {"format": "int3", "group_size": 64, "method": "awq", "calibration": CALIB_SMALL},
     "awq+gptq-int3-g64": {"format": "int3", "group_size": 64, "method": {"name": "awq", "then": "gptq"}, "calibration": CALIB_SMALL},
     "gptq-int4-g64": {"format": "int4", "group_size": 64, "method": "gptq", "calibration": CALIB},

@@ -222,3 +222,58 @@ def test_least_squares_scales_skip_constrained_scales():
     weight, _, hessian = _layer(seed=1)
     _, diagnostics = gptq(weight, QuantSpec(format="int4", group_size=16, pow2_scales="all"), hessian, least_squares_scales=True)
     assert "refit_rows" not in diagnostics
+
+
+def test_initial_scales_equal_to_the_weights_own_reproduce_gptq():
+    weight, _, hessian = _layer(seed=2)
+    spec = QuantSpec(format="int4_asym", group_size=16)
+    own = quantize_tensor(weight, spec)
+    plain, _ = gptq(weight, spec, hessian)
+    given, _ = gptq(weight, spec, hessian, initial_scales=(own.scales, own.offsets))
+    assert torch.equal(dequantize(plain), dequantize(given))
+    with pytest.raises(WeightwiseError, match="initial scales"):
+        gptq(weight, spec, hessian, initial_scales=(own.scales[:, :2], own.offsets[:, :2]))
+    with pytest.raises(WeightwiseError, match="initial scales"):
+        gptq(weight, spec, hessian, initial_scales=(own.scales, None))
+
+
+@pytest.mark.parametrize("name", ["int4_asym", "int3"])
+def test_refit_rounds_keep_the_pass_with_the_least_output_error(name):
+    from weightwise.quantize.methods.gptq import gptq_rounds
+
+    weight, _, hessian = _layer(seed=4)
+    spec = QuantSpec(format=name, group_size=16)
+    first, _ = gptq(weight, spec, hessian, least_squares_scales=True)
+    best, diagnostics = gptq_rounds(weight, spec, hessian, 3)
+    errors = diagnostics["round_errors"]
+    assert len(errors) == 4 and errors[0] == pytest.approx(output_error(weight, dequantize(first), hessian))
+    assert output_error(weight, dequantize(best), hessian) == pytest.approx(min(errors))
+    assert min(errors) < errors[0] and diagnostics["best_round"] > 0  # alternating codes and scales pays here
+    with pytest.raises(WeightwiseError, match="rounds"):
+        gptq_rounds(weight, spec, hessian, -1)
+
+
+def test_clip_search_starts_gptq_from_shrunk_scales():
+    from weightwise.quantize.methods import GPTQConfig, run_method
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(32, 128, generator=gen) * torch.randn(32, 128, generator=gen).exp()  # heavy tails: clipping pays
+    x = torch.randn(512, 128, generator=gen) * torch.linspace(0.5, 2.0, 128)
+    hessian = x.T @ x / 512
+    spec = QuantSpec(format="int3", group_size=32)
+    plain, _ = run_method(GPTQConfig(), weight, spec, {"hessian": hessian})
+    clipped, diagnostics = run_method(GPTQConfig(clip_search=True), weight, spec, {"hessian": hessian})
+    assert 0 < diagnostics["clip"]["clipped_fraction"] and diagnostics["clip"]["min_ratio"] >= 0.7
+    shrunk, own = clipped.scales.float().abs(), plain.scales.float().abs()
+    assert (shrunk <= own).all() and (shrunk < own).any()
+    assert output_error(weight, dequantize(clipped), hessian) < output_error(weight, dequantize(plain), hessian)
+
+
+def test_refit_rounds_need_refit_scales():
+    from pydantic import ValidationError
+
+    from weightwise.quantize.methods import GPTQConfig
+
+    with pytest.raises(ValidationError, match="refit_scales"):
+        GPTQConfig(refit_rounds=2)
+    assert GPTQConfig(refit_scales=True, refit_rounds=2).refit_rounds == 2

@@ -118,6 +118,7 @@ def quantize_cmd(
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data for gptq, awq, fpsearch and SmoothQuant: SOURCE[:SAMPLESxTOKENS], e.g. pydoc:128x512, data.jsonl:64x256, self:32x256 (data-free).")] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help=CalibrationConfig.model_fields["true_sequential"].description)] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help=_R["bias_correction"].description)] = None,
+    block_tune: Annotated[bool, typer.Option("--block-tune", help=_R["block_tune"].description + " Tune it in a YAML recipe (block_tune: {epochs, lr, tune_norms}).")] = False,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -143,6 +144,8 @@ def quantize_cmd(
     if true_sequential:  # merged into the calibration settings from --calib or the YAML
         dump = recipe.model_dump()
         recipe = validated(QuantRecipe, {**dump, "calibration": {**dump["calibration"], "true_sequential": True}})
+    if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
+        recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
     checkpoint = output.parent / f".{output.name}.partial"
     with _progress(f"quantizing ({recipe.method.name}, {recipe.format})") as update:

@@ -17,7 +17,8 @@ from weightwise.architectures import family_of, matches
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
-from weightwise.quantize.calibration import BlockPass, calibration_tokens, layer_sequential
+from weightwise.quantize.blocktune import tune_block
+from weightwise.quantize.calibration import BlockPass, calibration_tokens, layer_sequential, run_block
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
 from weightwise.quantize.planning import plan_layers, plan_summary
@@ -163,6 +164,9 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
     family, steps = family_of(getattr(model.config, "model_type", "unknown")), recipe.block_steps()
 
     def quantize_block(index: int, block_name: str, stats: dict[str, dict], block_pass: BlockPass) -> None:
+        targets = None
+        if recipe.block_tune is not None:  # the float block's outputs, before any of its layers is quantized
+            targets = [out for out, _, _ in run_block(modules[block_name], block_pass.inputs)]
         for step in steps:  # block-level transforms (scale migration) before the block's layers are quantized
             stats = step(modules[block_name], block_name, {name: plan[name] for name in by_block[block_name]}, stats, family)
         stages = block_pass.stages if recipe.calibration.true_sequential else [list(by_block[block_name])]
@@ -172,6 +176,10 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
                 fresh = block_pass.stats(stage)
                 stats = {**stats, **{name: {**stats.get(name, {}), **fresh[name]} for name in fresh}}
             done.update({name: quantize_layer(name, stats[name]) for name in stage})
+        if targets is not None:
+            result = tune_block(modules[block_name], block_pass.inputs, targets, recipe.block_tune)
+            for name in done:
+                layers[name]["block_tune"] = result
         if checkpoint is not None:
             checkpoint.save_block(index, done, {name: layers[name] for name in done}, _float_state(block_name, modules[block_name]))
 

@@ -12,6 +12,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.formats.activations import activation_spec
 from weightwise.formats.base import Granularity, Pow2Scales, QuantSpec, ScaleDtype
 from weightwise.formats.registry import get_format
+from weightwise.quantize.blocktune import BlockTuneConfig
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.lowrank import FactorDtype
 from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
@@ -70,6 +71,10 @@ class QuantRecipe(BaseModel):
         False, description="For layers that have a bias: quantize against the centered input statistics (the input "
         "covariance instead of the second moment) and add the mean output error (W − Ŵ)·E[x] to the bias, so the "
         "systematic part of the error is removed at no storage cost. Needs calibration data. Default: off.")
+    block_tune: BlockTuneConfig | None = Field(
+        None, description="After each block's layers are quantized, fit their scales, offsets and biases (and the block's "
+        "norms) by gradient descent so the block's outputs match the float block's on the calibration data; the codes "
+        "and the stored size do not change. Needs calibration data. Default: off.")
     method: MethodConfig = Field(
         default_factory=RTNConfig,
         description="Quantization method: rtn, gptq, fpsearch or awq (a name, or a mapping with `name` and the method's options).",
@@ -140,7 +145,8 @@ class QuantRecipe(BaseModel):
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing with this recipe runs layer-sequential calibration."""
-        return type(self.method).needs_calibration or self.smoothquant_alpha is not None or self.bias_correction
+        return (type(self.method).needs_calibration or self.smoothquant_alpha is not None or self.bias_correction
+                or self.block_tune is not None)
 
     def block_steps(self) -> list[BlockStep]:
         """Block-level transforms run, in order, before a calibrated block's layers are quantized

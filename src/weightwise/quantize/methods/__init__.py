@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Annotated, ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from weightwise.formats.base import QuantizedTensor, QuantSpec
+from weightwise.formats.quantizer import compute_scales, to_groups
 from weightwise.quantize.methods.awq import clip_summary, search_clip, search_scales
 from weightwise.quantize.methods.fpsearch import search_fp_format
-from weightwise.quantize.methods.gptq import gptq
+from weightwise.quantize.methods.gptq import gptq, gptq_rounds
 from weightwise.quantize.methods.rtn import rtn
 
 
@@ -43,6 +44,19 @@ class GPTQConfig(BaseModel):
     act_order: bool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal (its effect is measured in bench/README.md).")
     static_groups: bool = Field(True, description="Group scales from the weights before GPTQ (True) or refitted at each group's first column (False).")
     refit_scales: bool = Field(False, description="After GPTQ, refit each row's group scales (and offsets) to the chosen codes by least squares under H.")
+    refit_rounds: int = Field(0, ge=0, description="With refit_scales: GPTQ passes after the first, each rounding with the previous "
+                              "pass's refitted scales as static scales; the pass with the least output error is kept (costs one GPTQ each).")
+    clip_search: bool = Field(False, description="Before GPTQ, search each group's range ratio (grid from 1 down to 1 − max_shrink, "
+                              "least Hessian-weighted round-to-nearest error, as AWQ's clip) and round with the shrunk scales; "
+                              "GPTQ still approximates the unclipped weight.")
+    clip_grid: int = Field(20, ge=1, description="Clip ratios tried per group by clip_search.")
+    max_shrink: float = Field(0.3, ge=0, lt=1, description="Largest fraction of a group's range clip_search may cut.")
+
+    @model_validator(mode="after")
+    def _rounds_need_refit(self) -> "GPTQConfig":
+        if self.refit_rounds and not self.refit_scales:
+            raise ValueError("refit_rounds alternates GPTQ with least-squares scales: set refit_scales: true as well")
+        return self
 
 
 class FPSearchConfig(BaseModel):
@@ -92,7 +106,9 @@ class AWQConfig(BaseModel):
 
     def prepare_block(self, block, block_name: str, specs: dict, stats: dict, family) -> dict:
         """Search and fold the scales of every scaling group of ``block``; the rescaled statistics."""
-        from weightwise.quantize.scaling import migrate_scales  # wiring module: imports this package
+        from weightwise.quantize.scaling import (
+            migrate_scales,  # wiring module: imports this package
+        )
 
         def rule(weights, shared, group_specs):
             return search_scales(weights, shared["hessian"], shared["act_abs_mean"], group_specs, self.grid, self.duo_scaling)
@@ -110,9 +126,18 @@ def _rtn(config: RTNConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict |
 
 
 def _gptq(config: GPTQConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict | None) -> tuple[QuantizedTensor, dict]:
-    return gptq(weight, spec, stats["hessian"], damp=config.damp, block_size=config.block_size,
-                act_order=config.act_order, static_groups=config.static_groups,
-                least_squares_scales=config.refit_scales)
+    hessian, initial, diagnostics = stats["hessian"], None, {}
+    if config.clip_search and spec.pow2_scales != "ratio":
+        clipped, ratios = search_clip(weight, hessian, spec, config.clip_grid, config.max_shrink)
+        initial = compute_scales(to_groups(clipped, spec), spec.number_format, spec.resolved_scale_dtype, spec.pow2_scales)
+        diagnostics["clip"] = clip_summary(ratios)
+    options = {"damp": config.damp, "block_size": config.block_size, "act_order": config.act_order,
+               "static_groups": config.static_groups, "initial_scales": initial}
+    if config.refit_scales:
+        qt, more = gptq_rounds(weight, spec, hessian, config.refit_rounds, **options)
+    else:
+        qt, more = gptq(weight, spec, hessian, **options)
+    return qt, {**diagnostics, **more}
 
 
 def _fpsearch(config: FPSearchConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict | None) -> tuple[QuantizedTensor, dict]:

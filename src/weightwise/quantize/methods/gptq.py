@@ -18,6 +18,7 @@ from weightwise.formats.quantizer import (
     compute_ratio_scales,
     compute_scales,
     decode_scale,
+    dequantize,
     encode_scale,
     from_codes,
     group_layout,
@@ -50,7 +51,7 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     scales solve a small (G or 2G)² system: θ = (Aᵀ H A)⁻¹ Aᵀ H w, A holding each group's code values
     (and ones). GPTQ chooses the codes with error feedback, so the max-based scales they were rounded
     with are not the best ones for them. Scales are stored in the recipe's dtype; a row keeps its old
-    scales when the new ones are not positive and finite, or (after storage rounding) not better.
+    scales when the new ones are not finite or change sign, or (after storage rounding) not better.
     Returns (scale, offset, rows changed). Needs whole groups (no padding) and free scales (no MX or
     power-of-two constraints).
     """
@@ -77,7 +78,8 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         return ((e @ h) * e).sum(dim=1)
 
     new_s = decode_scale(new_scale, dtype)
-    ok = torch.isfinite(new_s).all(dim=1) & (new_s > 0).all(dim=1)
+    # a scale keeps its sign: signed-absmax formats store negative scales (largest entry on the negative end)
+    ok = torch.isfinite(new_s).all(dim=1) & (new_s * decode_scale(scale, dtype) > 0).all(dim=1)
     if new_offset is not None:
         ok &= torch.isfinite(decode_scale(new_offset, dtype)).all(dim=1)
     ok &= row_errors(new_scale, new_offset) < row_errors(scale, offset)
@@ -126,6 +128,7 @@ def gptq(
     static_groups: bool = True,
     max_damp_retries: int = 6,
     least_squares_scales: bool = False,
+    initial_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[QuantizedTensor, dict]:
     """Quantize ``weight`` (out, in) to ``spec`` with GPTQ under ``hessian`` (in, in) = XᵀX / n.
 
@@ -142,6 +145,9 @@ def gptq(
       contiguous group of original columns. Codes and scales are returned in the original order.
     - Error updates are applied lazily, ``block_size`` columns at a time.
 
+    - ``initial_scales``: stored (scales, offsets) to round with instead of the weights' own, as static
+      group or channel scales (e.g. from a clip search or an earlier pass; ignored under
+      ``pow2_scales="ratio"``).
     - ``least_squares_scales``: afterwards, each row's scales (and offsets) are refitted to the chosen codes by least
       squares under H (:func:`refit_scales`), where the format allows free scales.
 
@@ -164,13 +170,20 @@ def gptq(
     if spec.pow2_scales == "ratio":  # the row scale depends on every group: static scales only
         scale, shift_codes, offset = compute_ratio_scales(to_groups(w, spec), fmt, dtype)
         scale_f, shifts = ratio_group_scales(scale, shift_codes, dtype), pack_codes(shift_codes, SHIFT_BITS)
+    elif initial_scales is not None:
+        scale, offset = (None if t is None else t.clone() for t in initial_scales)
+        expected = group_layout((rows, cols), spec)[:2]
+        if tuple(scale.shape) != expected or (offset is None) != (not fmt.asymmetric):
+            raise WeightwiseError(f"GPTQ: initial scales of shape {tuple(scale.shape)} (offsets: {offset is not None}) "
+                                  f"do not fit {spec.format} groups {expected}")
+        scale_f = decode_scale(scale, dtype)
     else:
         scale, offset = compute_scales(to_groups(w, spec), fmt, dtype, spec.pow2_scales)
         scale_f = decode_scale(scale, dtype)
     _, _, g = group_layout((rows, cols), spec)
     grouped = spec.granularity == "group"
     group_of = torch.arange(cols, device=w.device) // (g if grouped else cols)  # column → its scale's column
-    refit = grouped and not static_groups and not act_order and shifts is None
+    refit = grouped and not static_groups and not act_order and shifts is None and initial_scales is None
 
     h = hessian.detach().to(torch.float64).clone()
     dead = h.diagonal() == 0
@@ -219,6 +232,31 @@ def gptq(
         scale, offset, diagnostics["refit_rows"] = refit_scales(w, codes, scale, offset, spec, _dampened(h, damp))
     qt = QuantizedTensor(pack_codes(codes, fmt.bits), scale, offset, (rows, cols), spec, shifts)
     return qt, diagnostics
+
+
+def gptq_rounds(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, rounds: int,
+                initial_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None, **options) -> tuple[QuantizedTensor, dict]:
+    """GPTQ with least-squares scales, then ``rounds`` more GPTQ passes, each rounding with the previous
+    pass's refitted scales as its static scales; the pass with the least output error tr(ΔW H ΔWᵀ) is kept.
+
+    Alternates the two halves of the problem: codes for fixed scales (GPTQ) and scales for fixed codes
+    (least squares), starting from ``initial_scales`` (default: the weights' own). Diagnostics: the first
+    pass's, plus ``"round_errors"`` (each pass's output error) and ``"best_round"``.
+    """
+    if rounds < 0:
+        raise WeightwiseError(f"GPTQ: refit rounds must be ≥ 0, got {rounds}")
+    best, diagnostics = gptq(weight, spec, hessian, least_squares_scales=True, initial_scales=initial_scales, **options)
+    if rounds == 0 or not can_refit(spec, tuple(weight.shape)) or spec.granularity != "group":
+        return best, diagnostics
+    errors = [output_error(weight, dequantize(best), hessian)]
+    current = best
+    for _ in range(rounds):
+        current, _ = gptq(weight, spec, hessian, least_squares_scales=True,
+                          initial_scales=(current.scales, current.offsets), **options)
+        errors.append(output_error(weight, dequantize(current), hessian))
+        if errors[-1] < min(errors[:-1]):
+            best = current
+    return best, {**diagnostics, "round_errors": errors, "best_round": errors.index(min(errors))}
 
 
 def can_refit(spec: QuantSpec, shape: tuple[int, int]) -> bool:
