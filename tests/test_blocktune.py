@@ -89,3 +89,11 @@ def test_block_tune_needs_calibration_and_valid_options():
         quantize(tiny_model(), {"format": "int4", "group_size": 16, "block_tune": {}})
     with pytest.raises(WeightwiseError, match="epochs"):
         quantize(tiny_model(), {"block_tune": {"epochs": 0}})
+
+
+def test_frozen_parameters_are_tuned_and_stay_frozen():
+    model, calib = tiny_model(), _tokens(5)
+    model.requires_grad_(False)
+    tuned = quantize(model, {**RECIPE, "block_tune": {"epochs": 2, "lr": 3e-3}}, calibration=calib)
+    assert all(layer["block_tune"]["kept"] for layer in quantization_record(tuned)["layers"].values())
+    assert not any(p.requires_grad for p in tuned.parameters())

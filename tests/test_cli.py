@@ -158,13 +158,16 @@ def test_gptq_with_calibration_file_and_size_target(capsys, monkeypatch, tiny_di
     text.write_text("some calibration text for the tiny model. " * 30)
     run = tmp_path / "gptq"
     code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
-                             "--lorc-rank", "2", "--calib", f"{text}:8x32", "--true-sequential", "--bias-correction", "-o", run)
+                             "--lorc-rank", "2", "--calib", f"{text}:8x32", "--true-sequential", "--bias-correction",
+                             "--block-tune", "-o", run)
     assert code == 0, err
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["calibration"]["tokens"] == 256 and manifest["recipe"]["method"]["name"] == "gptq"
     assert manifest["recipe"]["calibration"] == {"source": str(text), "samples": 8, "seq_len": 32, "seed": 0, "batch_size": 8,
                                                  "true_sequential": True}
     assert manifest["recipe"]["bias_correction"] is True
+    assert manifest["recipe"]["block_tune"] == {"epochs": 8, "lr": 1e-3, "tune_norms": True, "seed": 0}
+    assert all("block_tune" in layer for layer in manifest["layers"].values())
     assert not (tmp_path / ".gptq.partial").exists()
     planned = tmp_path / "planned"
     code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--target-bpw", "4", "--calib", f"{text}:8x32", "-o", planned)

@@ -185,7 +185,8 @@ def test_real_minilm_gptq_int4_from_the_command_line(tmp_path, monkeypatch, caps
     texts = paragraphs(corpus("pydoc", split="eval")[0])[:12]
     reference = sentence_embeddings(model, tokenizer, texts)
     gptq_cos, rtn_cos = (embedding_cosine(reference, sentence_embeddings(m, tokenizer, texts)) for m in (gptq, rtn))
-    # bench/minilm.py on the whole eval split: GPTQ 0.984, RTN 0.947 (issue target 0.99 not reached yet).
+    # bench/minilm.py on the whole eval split (1500 × 64 calibration): plain GPTQ 0.985, RTN 0.947; GPTQ with clip search,
+    # least-squares scale rounds, bias correction and block tuning 0.990.
     assert gptq_cos["mean"] >= 0.97 and gptq_cos["mean"] > rtn_cos["mean"] + 0.01
 
 

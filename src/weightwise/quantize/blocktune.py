@@ -110,9 +110,14 @@ def tune_block(block: nn.Module, inputs: list[CapturedBatch], targets: list[torc
     saved = [p.detach().clone() for p in floats]
     before = _block_loss(block, inputs, targets)
     params = [t for w in weights for t in w.parameters()] + floats
+    if not params:
+        return {"loss_before": before, "loss_after": before, "kept": False}
     optimizer = torch.optim.Adam(params, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
+    frozen = [p for p in floats if not p.requires_grad]  # e.g. a model loaded frozen: differentiable for the fit only
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             for _ in range(config.epochs):
                 for i in torch.randperm(len(inputs), generator=generator).tolist():
@@ -128,6 +133,8 @@ def tune_block(block: nn.Module, inputs: list[CapturedBatch], targets: list[torc
     finally:
         for w in weights:
             w.layer._weight_cache = None
+        for p in frozen:
+            p.requires_grad_(False)
     originals = [(w.layer.scales.clone(), None if w.layer.offsets is None else w.layer.offsets.clone()) for w in weights]
     for w in weights:
         w.store()
