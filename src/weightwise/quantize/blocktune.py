@@ -27,9 +27,8 @@ from weightwise.formats.quantizer import (
     group_layout,
     unpacked_codes,
 )
+from weightwise.quantize.calibration import CapturedBatch
 from weightwise.quantize.qlinear import QuantizedLinear
-
-CapturedBatch = tuple[torch.Tensor, tuple, dict]
 
 
 class BlockTuneConfig(BaseModel):
