@@ -237,12 +237,12 @@ def test_initial_scales_equal_to_the_weights_own_reproduce_gptq():
         gptq(weight, spec, hessian, initial_scales=(own.scales, None))
 
 
-@pytest.mark.parametrize("name", ["int4_asym", "int3"])
-def test_refit_rounds_keep_the_pass_with_the_least_output_error(name):
+@pytest.mark.parametrize(("name", "granularity"), [("int4_asym", "group"), ("int3", "group"), ("int4", "channel")])
+def test_refit_rounds_keep_the_pass_with_the_least_output_error(name, granularity):
     from weightwise.quantize.methods.gptq import gptq_rounds
 
     weight, _, hessian = _layer(seed=4)
-    spec = QuantSpec(format=name, group_size=16)
+    spec = QuantSpec(format=name, granularity=granularity, group_size=16 if granularity == "group" else None)
     first, _ = gptq(weight, spec, hessian, least_squares_scales=True)
     best, diagnostics = gptq_rounds(weight, spec, hessian, 3)
     errors = diagnostics["round_errors"]

@@ -106,9 +106,7 @@ class AWQConfig(BaseModel):
 
     def prepare_block(self, block, block_name: str, specs: dict, stats: dict, family) -> dict:
         """Search and fold the scales of every scaling group of ``block``; the rescaled statistics."""
-        from weightwise.quantize.scaling import (
-            migrate_scales,  # wiring module: imports this package
-        )
+        from weightwise.quantize.scaling import migrate_scales  # wiring module: imports this package
 
         def rule(weights, shared, group_specs):
             return search_scales(weights, shared["hessian"], shared["act_abs_mean"], group_specs, self.grid, self.duo_scaling)

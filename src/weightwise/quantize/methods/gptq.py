@@ -246,7 +246,7 @@ def gptq_rounds(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor, ro
     if rounds < 0:
         raise WeightwiseError(f"GPTQ: refit rounds must be ≥ 0, got {rounds}")
     best, diagnostics = gptq(weight, spec, hessian, least_squares_scales=True, initial_scales=initial_scales, **options)
-    if rounds == 0 or not can_refit(spec, tuple(weight.shape)) or spec.granularity != "group":
+    if rounds == 0 or not can_refit(spec, tuple(weight.shape)):
         return best, diagnostics
     errors = [output_error(weight, dequantize(best), hessian)]
     current = best
