@@ -9,6 +9,7 @@ same recipe and settings (``--fresh`` measures them again).
     .venv/bin/python bench/methods.py --max-tokens 8192 --only gptq-int3-g64 plan-3.0
     .venv/bin/python bench/methods.py --quick                            # 2 windows, 3 cheap recipes
     .venv/bin/python bench/methods.py --max-tokens 8192 --report         # the table of what is measured so far
+    python bench/methods.py --max-tokens 8192 --device cuda --out bench/results/methods-gpu.json --only ...  # quantize on a GPU
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ RECIPES: dict[str, dict] = {
     "plan-2.5": {"target_bpw": 2.5, "method": "gptq", "calibration": CALIB},
     "plan-2.5-clip-ls4": {"target_bpw": 2.5, "calibration": CALIB,
                           "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
+    "plan-3.0-clip-ls4": {"target_bpw": 3.0, "calibration": CALIB,
+                          "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
+    # with block-output tuning (scales, offsets, norms fitted to the float block's outputs; minutes on a GPU)
+    "gptq-int3-g64-clip-ls4-bt": {"format": "int3", "group_size": 64, "calibration": CALIB, "block_tune": {},
+                                  "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
+    "gptq-int2_asym-g64-clip-ls4-bt": {"format": "int2_asym", "group_size": 64, "calibration": CALIB, "block_tune": {},
+                                       "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
+    "plan-3.0-clip-ls4-bt": {"target_bpw": 3.0, "calibration": CALIB, "block_tune": {},
+                             "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 3}},
     "rtn-fp4_e2m1-g32": {"format": "fp4_e2m1", "group_size": 32},
     "fpsearch-fp4-g32": {"format": "fp4_e2m1", "group_size": 32, "method": "fpsearch", "calibration": CALIB_SMALL},
     "w8a8-int8": {"format": "int8", "granularity": "channel", "act_format": "int8"},
@@ -65,15 +75,15 @@ QUICK = ["rtn-int3-g64", "w8a8-int8", "w4a8-fp8"]
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe | method | bits/weight | ppl | ppl / source | KL | top-1 | quantize s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| recipe | method | bits/weight | ppl | ppl / source | KL | top-1 | quantize s | on |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     source = next(r for r in rows if r["name"] == "source fp32")
     for r in rows:
         bpw = "32 (fp32)" if r["quantized_layers"] == 0 else f"{r['bits_per_weight']:.3f}"
         method = r.get("recipe", {}).get("method", {}).get("name", "–")
         q = f"{r['quantize_seconds']:.0f}" if "quantize_seconds" in r else "–"
         lines.append(f"| {r['name']} | {method} | {bpw} | {r['ppl']:.3f} | {r['ppl'] / source['ppl']:.3f} | "
-                     f"{r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | {q} |")
+                     f"{r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | {q} | {r.get('quantize_device', 'cpu') if 'quantize_seconds' in r else '–'} |")
     return "\n".join(lines)
 
 
@@ -85,6 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/methods.json"))
     parser.add_argument("--report", action="store_true", help="print the table of the rows in --out and stop")
     parser.add_argument("--fresh", action="store_true", help="measure the requested recipes again even when --out holds their rows")
+    parser.add_argument("--device", default=None, help="where to quantize (e.g. cuda); the evaluation runs on the CPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = EvalConfig(max_tokens=1024 if args.quick else args.max_tokens)
@@ -118,7 +129,7 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = load_model("default")
     source = compare_recipes(model, tokenizer, [recipes[n] for n in todo], config, labels=todo,
-                             on_event=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save)[0]
+                             on_event=lambda msg: print(msg, file=sys.stderr, flush=True), on_row=save, device=args.device)[0]
     ordered = [rows["source fp32"]] + [rows[n] for n in RECIPES if n in rows]
     print(f"SmolLM2-135M-Instruct, pydoc eval split: {source['n_windows']} windows, {source['n_tokens_scored']} scored "
           f"tokens, Python {source['python_version']}; this run {time.perf_counter() - started:.0f} s "

@@ -159,9 +159,10 @@ def test_gptq_with_calibration_file_and_size_target(capsys, monkeypatch, tiny_di
     run = tmp_path / "gptq"
     code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--method", "gptq", "--format", "int4", "--group-size", "32",
                              "--lorc-rank", "2", "--calib", f"{text}:8x32", "--true-sequential", "--bias-correction",
-                             "--block-tune", "-o", run)
+                             "--block-tune", "--device", "cpu", "-o", run)
     assert code == 0, err
     manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["device"] == "cpu" and "on cpu" in out
     assert manifest["calibration"]["tokens"] == 256 and manifest["recipe"]["method"]["name"] == "gptq"
     assert manifest["recipe"]["calibration"] == {"source": str(text), "samples": 8, "seq_len": 32, "seed": 0, "batch_size": 8,
                                                  "true_sequential": True}
@@ -181,3 +182,10 @@ def test_demo_rejects_an_invalid_eval_config(capsys, monkeypatch, tmp_path):
     bad.write_text("window: 1\n")
     out = tmp_path / "demo"
     assert_user_error(run_cli(capsys, monkeypatch, "demo", "--config", bad, "-o", out), "window", out)
+
+
+def test_quantize_device_errors(capsys, monkeypatch, tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    assert_user_error(run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--device", "tpu", "-o", out), "use auto, cpu or cuda", out)
+    if not torch.cuda.is_available():
+        assert_user_error(run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--device", "cuda", "-o", out), "no GPU is visible", out)

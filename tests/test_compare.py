@@ -22,6 +22,7 @@ def test_compare_recipes_rows(tmp_path):
     assert 0 < int8["kl_mean"] < int2["kl_mean"]
     assert int8["speed_ratio"] == pytest.approx(int8["tokens_per_second"] / source["tokens_per_second"])
     assert int2["bits_per_weight"] < int8["bits_per_weight"] < 32
+    assert int8["quantize_device"] == int2["quantize_device"] == "cpu"
     assert len(events) == 4
 
 

@@ -152,3 +152,21 @@ def test_bias_correction_leaves_layers_without_a_bias_alone():
     for (name, a), b in zip(runs[0].named_modules(), runs[1].modules()):
         if isinstance(a, QuantizedLinear):
             assert a.bias is None and torch.equal(a.dequantized_weight(), b.dequantized_weight()), name
+
+
+@pytest.mark.parametrize("recipe", [
+    {"format": "int3", "group_size": 16, "method": {"name": "gptq", "clip_search": True, "refit_scales": True, "refit_rounds": 1},
+     "block_tune": {"epochs": 1}, "calibration": CALIB},
+    {"target_bpw": 3.6, "candidates": [{"format": "int3", "group_size": 32}, {"format": "int4", "group_size": 32}],
+     "method": "gptq", "calibration": CALIB},
+    {"format": "int4", "group_size": 32},
+])
+def test_an_explicit_device_runs_block_by_block_and_returns_the_model_where_it_was(recipe):
+    """device= moves each block (or layer) there and back; on the CPU the result equals the plain run's."""
+    model, calib = tiny_model(), _tokens(4)
+    plain = quantize(model, recipe, calibration=calib)
+    moved = quantize(model, recipe, calibration=calib, device="cpu")
+    assert quantization_record(moved)["device"] == "cpu"
+    plain_state, moved_state = plain.state_dict(), moved.state_dict()
+    assert plain_state.keys() == moved_state.keys()
+    assert all(torch.equal(plain_state[k], moved_state[k]) for k in plain_state)

@@ -119,6 +119,8 @@ def quantize_cmd(
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help=CalibrationConfig.model_fields["true_sequential"].description)] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help=_R["bias_correction"].description)] = None,
     block_tune: Annotated[bool, typer.Option("--block-tune", help=_R["block_tune"].description + " Tune it in a YAML recipe (block_tune: {epochs, lr, tune_norms}).")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where the work runs: auto (a GPU when there is one), cpu or cuda. "
+                                        "The model stays in CPU memory; one decoder block at a time goes to the GPU.")] = "auto",
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -146,10 +148,11 @@ def quantize_cmd(
         recipe = validated(QuantRecipe, {**dump, "calibration": {**dump["calibration"], "true_sequential": True}})
     if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
+    work_device = _work_device(device)
     model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
     checkpoint = output.parent / f".{output.name}.partial"
-    with _progress(f"quantizing ({recipe.method.name}, {recipe.format})") as update:
-        qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update)
+    with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+        qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update, device=work_device)
     from weightwise.evaluate.size import model_size
 
     size = model_size(qmodel)
@@ -163,7 +166,7 @@ def quantize_cmd(
     summary.add_row("exact layers", str(len(sqnrs) - len(finite)))
     summary.add_row("bits/weight (quantized linears)", f"{size['bits_per_weight']:.3f}")
     summary.add_row("model size (MB)", f"{size['total_bytes'] / 1e6:.1f}")
-    summary.add_row("quantize time (s)", f"{record['timings']['quantize_seconds']:.1f}")
+    summary.add_row("quantize time (s)", f"{record['timings']['quantize_seconds']:.1f} on {record['device']}")
     if recipe.act_format:
         summary.add_row("activations (simulated)", f"{recipe.act_format} per token")
     searched: dict[str, int] = {}
@@ -351,15 +354,15 @@ def tune_cmd(
         model_obj, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise WeightwiseError(f"{model} has no tokenizer files; save the tokenizer with the model")
-    model_obj.to(_tune_device(device))
+    model_obj.to(_work_device(device))
     with _tune_progress(out, cfg.method) as update:
         metrics = tune(model_obj, tokenizer, cfg, output, progress=update, overwrite=overwrite, source=model_source_info(model))
     if main_process:
         _print_tune_summary(output, metrics)
 
 
-def _tune_device(option: str):
-    """The device to train on: under a launcher, this process's GPU; --cpu launches and machines without one: the CPU."""
+def _work_device(option: str):
+    """The device to train or quantize on: under a launcher, this process's GPU; --cpu launches and machines without one: the CPU."""
     import os
 
     import torch

@@ -10,11 +10,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from weightwise.evaluate import evaluate, reference_outputs, reference_result, token_windows
 from weightwise.evaluate.config import EvalConfig
-from weightwise.quantize.api import quantize
+from weightwise.quantize.api import quantization_record, quantize
 from weightwise.quantize.recipe import QuantRecipe
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,14 @@ def compare_recipes(
     labels: list[str] | None = None,
     on_event: Event | None = None,
     on_row: Callable[[dict], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict]:
     """Rows (name, recipe, EvalResult fields, quantize time) for the source model and each recipe.
 
     The source's outputs are computed once and every quantized model is compared with them.
     ``labels`` name the recipes' rows (default: :func:`describe`); ``on_row`` sees each row as soon as
-    it is measured (e.g. to save partial results of a long benchmark).
+    it is measured (e.g. to save partial results of a long benchmark). ``device`` is where quantization
+    runs (see :func:`weightwise.quantize.quantize`); the evaluation runs where the model is.
     """
     say = on_event or (lambda message: None)
     text = config.load_text()
@@ -68,11 +71,11 @@ def compare_recipes(
     for index, recipe in enumerate(recipes):
         label = labels[index] if labels else describe(recipe)
         started = time.perf_counter()
-        qmodel = quantize(model, recipe, tokenizer=tokenizer)
+        qmodel = quantize(model, recipe, tokenizer=tokenizer, device=device)
         quantize_seconds = time.perf_counter() - started
         result = evaluate(qmodel, tokenizer, **eval_kwargs).model_dump()
         rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
-                     "quantize_seconds": quantize_seconds, **result})
+                     "quantize_seconds": quantize_seconds, "quantize_device": quantization_record(qmodel)["device"], **result})
         say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")
         if on_row:
             on_row(rows[-1])

@@ -105,8 +105,8 @@ class NumberFormat:
         if self.code_offset is not None:  # uniform integer grid: arithmetic is ~8x faster than a search
             q = torch.ceil(y.to(torch.float32) - 0.5).clamp_(self.min_value, self.max_value)
             return (q - self.code_offset).to(torch.uint8)
-        idx = torch.bucketize(y.to(torch.float32), self._midpoints, right=False)
-        return self._grid_codes[idx]
+        idx = torch.bucketize(y.to(torch.float32), self._midpoints.to(y.device), right=False)
+        return self._grid_codes.to(y.device)[idx]
 
 
 class QuantSpec(BaseModel):

@@ -33,9 +33,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             packed |= lanes[:, lane] << (bits * lane)
         return packed
     words = torch.nn.functional.pad(flat.to(torch.int64), (0, pad)).view(-1, 8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    shifts = torch.arange(8, dtype=torch.int64, device=words.device) * bits
     word = (words << shifts).sum(dim=1)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=word.device) * 8
     return ((word.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
 
 

@@ -18,7 +18,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.quantize.blocktune import tune_block
-from weightwise.quantize.calibration import BlockPass, calibration_tokens, layer_sequential, run_block
+from weightwise.quantize.calibration import BlockPass, calibration_tokens, device_of, layer_sequential, run_block
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.lowrank import low_rank_compensation
 from weightwise.quantize.planning import plan_layers, plan_summary
@@ -64,6 +64,7 @@ def quantize(
     checkpoint_dir: str | Path | None = None,
     inplace: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s target layers; returns a new model unless ``inplace``.
 
@@ -71,7 +72,9 @@ def quantize(
     use ``calibration`` — token ids (samples, seq_len), a text, or a list of documents (with
     ``tokenizer``) — or else the recipe's calibration config (needs ``tokenizer``). With
     ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block.
-    ``progress(done, total, name)`` is called after each layer. The returned model carries a record
+    ``progress(done, total, name)`` is called after each layer. With ``device`` (e.g. "cuda") the work runs
+    there one block (or layer) at a time while the model stays where it is; the result is where the model
+    was. The returned model carries a record
     (recipe, per-layer spec, SQNR and diagnostics, source fingerprint, timings) that
     :func:`weightwise.save` writes to the manifest.
     """
@@ -87,7 +90,7 @@ def quantize(
     if sized or recipe.needs_calibration:
         tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
     if sized:
-        planned, choices = _mixed_precision(model, recipe, plan, tokens)
+        planned, choices = _mixed_precision(model, recipe, plan, tokens, device)
         plan = {name: spec for name, (spec, _) in choices.items()}
         ranks = {name: rank for name, (_, rank) in choices.items()}
     if not inplace:
@@ -104,7 +107,7 @@ def quantize(
             progress(len(layers), len(plan), name)
 
     def quantize_layer(name: str, stats: dict | None) -> QuantizedLinear:
-        weight = modules[name].weight.detach().to(torch.float32)
+        weight = modules[name].weight.detach().to(device=device, dtype=torch.float32)
         spec, rank = plan[name], ranks[name]
         mean = None
         if recipe.bias_correction and modules[name].bias is not None and stats and "act_mean" in stats:
@@ -135,14 +138,15 @@ def quantize(
     calibration_info = None
     if recipe.needs_calibration:
         calibration_info = _calibrated(model, recipe, plan, modules, layers, quantize_layer, install,
-                                       tokens, checkpoint_dir, source_fingerprint)
+                                       tokens, checkpoint_dir, source_fingerprint, device)
     else:
         for name in plan:
-            quantize_layer(name, None)
+            home = modules[name].weight.device
+            quantize_layer(name, None).to(home)  # made on ``device``: the layer returns next to its neighbours
     elapsed = time.perf_counter() - start
     logger.info("quantized %d layers with %s/%s in %.1f s", len(layers), recipe.method.name, recipe.format, elapsed)
     record = {"recipe": recipe.model_dump(mode="json"), "layers": layers, "source_fingerprint": source_fingerprint,
-              "timings": {"quantize_seconds": elapsed}}
+              "timings": {"quantize_seconds": elapsed}, "device": str(device or device_of(model) or "cpu")}
     if calibration_info:
         record["calibration"] = calibration_info
     if planned is not None:
@@ -151,7 +155,7 @@ def quantize(
     return model
 
 
-def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokens, checkpoint_dir, fingerprint) -> dict:
+def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokens, checkpoint_dir, fingerprint, device) -> dict:
     """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint_dir``."""
     blocks, by_block = _targets_by_block(model, modules, plan)
     checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), fingerprint, tokens) if checkpoint_dir else None
@@ -183,7 +187,7 @@ def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, t
         if checkpoint is not None:
             checkpoint.save_block(index, done, {name: layers[name] for name in done}, _float_state(block_name, modules[block_name]))
 
-    layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block)
+    layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block, device)
     if checkpoint is not None:
         checkpoint.clear()
     return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
@@ -207,13 +211,15 @@ def _targets_by_block(model: nn.Module, modules: dict, plan: dict) -> tuple[list
     return blocks, by_block
 
 
-def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor) -> tuple[dict, dict]:
+def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor, device) -> tuple[dict, dict]:
     """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer."""
     modules = dict(model.named_modules())
     blocks, by_block = _targets_by_block(model, modules, plan)
-    hessians: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}  # kept with the model (CPU memory), moved to ``device`` layer by layer
+    home = device_of(model)
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
-                     lambda index, block, stats, block_pass: hessians.update({n: s["hessian"] for n, s in stats.items()}))
+                     lambda index, block, stats, block_pass: hessians.update({n: s["hessian"].to(home) for n, s in stats.items()}),
+                     device=device)
     weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
     row_weights = None
     if recipe.plan_gradient_samples:
@@ -222,7 +228,7 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
     result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
                                   target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
                                   lorc_dtype=recipe.lorc_dtype, method=_planning_method(recipe),
-                                  row_weights=row_weights)
+                                  row_weights=row_weights, device=device)
     n_params = sum(w.numel() for w in weights.values())
     return {"target_bpw": recipe.target_bpw, "target_mb": recipe.target_mb, **plan_summary(result, n_params)}, choices
 

@@ -11,6 +11,10 @@ intermediate → output for BERT). With ``true_sequential`` the caller quantizes
 re-collects the next stage's statistics from the partly quantized block (:meth:`BlockPass.stats`), so
 that o_proj is calibrated on the outputs of the *quantized* q/k/v, as in GPTQ's true-sequential mode.
 Each re-collection stops the forward pass right after the stage's last linear.
+
+With an execution ``device`` (a GPU) the model stays where it is (CPU memory) and each block is moved to
+the device for its calibration, quantization and output pass, then moved back: GPU memory holds one
+block, its captured activations and its statistics.
 """
 
 from __future__ import annotations
@@ -294,24 +298,46 @@ def layer_sequential(
     batch_size: int,
     quantize_block: Callable[[int, str, dict[str, dict], BlockPass], None],
     start_block: int = 0,
+    device: torch.device | str | None = None,
 ) -> None:
     """Calibrate and quantize block by block from ``start_block`` on.
 
     ``quantize_block(index, block_name, stats, block_pass)`` must replace the block's target layers; it may
     quantize them stage by stage with ``block_pass`` (see :class:`BlockPass`). The block is then re-run so
     that the next block sees the quantized outputs. Blocks before ``start_block`` must already be
-    quantized (resume): their outputs are recomputed by running the model up to ``start_block``.
+    quantized (resume): their outputs are recomputed block by block from the first block's inputs, the
+    same computation as in the uninterrupted run, so that a resumed run ends with the same weights.
+    With ``device``, each block runs there (and ``quantize_block`` sees it there) and returns to its own
+    device afterwards.
     """
     if start_block >= len(blocks):
         return
-    inputs = capture_block_inputs(model, blocks[start_block][1], tokens, batch_size)
-    for index in range(start_block, len(blocks)):
-        name, block = blocks[index]
-        linears = targets_by_block.get(name, {})
-        collector = _collect(block, linears, inputs)
-        stages = list(collector.stages.values())
-        uncalled = [n for n in linears if n not in collector.stats]
-        quantize_block(index, name, collector.results(), BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
+    from accelerate.utils import send_to_device
+
+    inputs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
+    if device is not None:
+        inputs = send_to_device(inputs, device)
+    for index, (name, block) in enumerate(blocks):
+        home = device_of(block)
+        if device is not None:
+            block.to(device)
+        if index >= start_block:
+            linears = targets_by_block.get(name, {})
+            collector = _collect(block, linears, inputs)
+            stages = list(collector.stages.values())
+            uncalled = [n for n in linears if n not in collector.stats]
+            quantize_block(index, name, collector.results(),
+                           BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
+            logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
         if index + 1 < len(blocks):
             inputs = run_block(block, inputs)
-        logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
+        if device is not None and home is not None:
+            block.to(home)
+
+
+def device_of(module: nn.Module) -> torch.device | None:
+    """Where ``module``'s tensors live (None for a module without any)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return None if tensor is None else tensor.device

@@ -60,8 +60,8 @@ class BlockCheckpoint:
                    float_state: dict[str, torch.Tensor] | None = None) -> None:
         """Record block ``index`` (its quantized layers, and ``float_state``: its other tensors by full name) as done."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        flat = {f"{name}.{key}": value.contiguous() for name, module in qlinears.items() for key, value in module.state_dict().items()}
-        flat.update({key: value.contiguous() for key, value in (float_state or {}).items()})
+        flat = {f"{name}.{key}": value.cpu().contiguous() for name, module in qlinears.items() for key, value in module.state_dict().items()}
+        flat.update({key: value.cpu().contiguous() for key, value in (float_state or {}).items()})
         write_bytes_atomic(self.folder / f"block_{index:04d}.safetensors", safetensors.torch.save(flat))
         progress = self.folder / _PROGRESS
         state = json.loads(progress.read_text()) if progress.is_file() else {"key": self.key, "blocks": [], "layers": {}}

@@ -137,18 +137,21 @@ def plan_layers(
     lorc_dtype: str,
     method: Approximation | None = None,
     row_weights: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[Plan, dict[str, tuple[QuantSpec, int]]]:
     """The optimal plan and, per layer, its (spec, LoRC rank).
 
     Candidates are scored by round-to-nearest; with ``method`` (e.g. GPTQ) each layer's errors are scaled by
-    that method's gain measured at the layer's anchor setting (``method_gain``).
+    that method's gain measured at the layer's anchor setting (``method_gain``). With ``device`` each layer's
+    tensors are scored there, one layer at a time.
     """
     row_weights = row_weights or {}
     options = {}
-    for name, w in weights.items():
-        gain = 1.0 if method is None else method_gain(w, hessians[name], anchor_spec(w, candidates, pad, pow2_scales), method)
-        options[name] = layer_candidates(w, hessians[name], candidates, pad, pow2_scales, lorc_dtype,
-                                         row_weights=row_weights.get(name), gain=gain)
+    for name, weight in weights.items():
+        w, hessian = weight.to(device), hessians[name].to(device)
+        rows = None if row_weights.get(name) is None else row_weights[name].to(device)
+        gain = 1.0 if method is None else method_gain(w, hessian, anchor_spec(w, candidates, pad, pow2_scales), method)
+        options[name] = layer_candidates(w, hessian, candidates, pad, pow2_scales, lorc_dtype, row_weights=rows, gain=gain)
     empty = [name for name, cands in options.items() if not cands]
     if empty:
         raise WeightwiseError(f"no planner candidate fits layer {empty[0]}: add candidates whose group size divides its rows")

@@ -67,7 +67,7 @@ def _floored(x: torch.Tensor) -> torch.Tensor:
 def weight_magnitude(weights: Sequence[torch.Tensor], specs: Sequence[QuantSpec]) -> torch.Tensor:
     """Per input channel: mean over the output rows of all ``weights`` of |W| relative to the absmax of
     its scale group (AWQ's weight statistic: how large a channel is on its group's grid)."""
-    total = torch.zeros(weights[0].shape[1])
+    total = torch.zeros(weights[0].shape[1], device=weights[0].device)
     rows = 0
     for weight, spec in zip(weights, specs):
         groups = torch.nan_to_num(to_groups(weight.detach().abs().to(torch.float32), spec), nan=0.0)
@@ -158,7 +158,7 @@ def clamp_groups(weight: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor | f
     if not spec.number_format.asymmetric:
         hi = torch.maximum(hi.abs(), lo.abs())
         lo = -hi
-    ratios = torch.as_tensor(ratios, dtype=torch.float32)
+    ratios = torch.as_tensor(ratios, dtype=torch.float32, device=groups.device)
     clamped = groups.clamp((lo * ratios).unsqueeze(-1), (hi * ratios).unsqueeze(-1))
     return from_groups(clamped, tuple(w.shape))
 
@@ -178,8 +178,8 @@ def search_clip(
         raise WeightwiseError(f"clip search: need grid ≥ 1 and 0 ≤ max_shrink < 1, got {grid} and {max_shrink}")
     w = weight.detach().to(torch.float32)
     R, G, _ = group_layout(tuple(w.shape), spec)
-    best_ratio = torch.ones(R, G)
-    best_error = torch.full((R, G), torch.inf)
+    best_ratio = torch.ones(R, G, device=w.device)
+    best_error = torch.full((R, G), torch.inf, device=w.device)
     for ratio in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
         error = group_errors(w - fake_quantize(clamp_groups(w, spec, ratio), spec), hessian, spec)
         better = error < best_error
@@ -187,7 +187,7 @@ def search_clip(
         best_ratio = torch.where(better, ratio, best_ratio)
     clipped = clamp_groups(w, spec, best_ratio)
     if output_error(w, fake_quantize(clipped, spec), hessian) > output_error(w, fake_quantize(w, spec), hessian):
-        return w, torch.ones(R, G)
+        return w, torch.ones(R, G, device=w.device)
     return clipped, best_ratio
 
 

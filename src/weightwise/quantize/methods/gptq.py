@@ -66,7 +66,7 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     gram = torch.einsum("rkai,aibj,rlbj->rkalb", basis, h4, basis).reshape(rows, n_params, n_params)
     rhs = torch.einsum("rkai,rai->rka", basis, (weight.to(torch.float64) @ h).reshape(rows, n_groups, g)).reshape(rows, n_params)
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-    theta = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(n_params, dtype=gram.dtype), rhs.unsqueeze(-1))[..., 0]
+    theta = torch.linalg.solve(gram + ridge[:, None, None] * torch.eye(n_params, dtype=gram.dtype, device=gram.device), rhs.unsqueeze(-1))[..., 0]
     theta = theta.reshape(rows, -1, n_groups)
     new_scale = encode_scale(theta[:, 0].to(torch.float32), dtype)
     new_offset = None if offset is None else encode_scale(theta[:, 1].to(torch.float32), dtype)
