@@ -27,7 +27,7 @@ from weightwise.formats.quantizer import (
     group_layout,
     unpacked_codes,
 )
-from weightwise.quantize.calibration import CapturedBatch
+from weightwise.quantize.calibration import CapturedBatch, run_block
 from weightwise.quantize.qlinear import QuantizedLinear
 
 
@@ -87,14 +87,9 @@ class _ScaledWeight:
 
 
 def _block_loss(block: nn.Module, inputs: list[CapturedBatch], targets: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for (hidden, args, kwargs), target in zip(inputs, targets):
-            out = block(hidden, *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            total += float(F.mse_loss(out, target, reduction="sum"))
-            count += target.numel()
-    return total / max(count, 1)
+    """Mean squared error of the block's outputs (weights dequantized once for all batches) against ``targets``."""
+    total = sum(float(F.mse_loss(out, target, reduction="sum")) for (out, _, _), target in zip(run_block(block, inputs), targets))
+    return total / max(sum(target.numel() for target in targets), 1)
 
 
 def tune_block(block: nn.Module, inputs: list[CapturedBatch], targets: list[torch.Tensor], config: BlockTuneConfig) -> dict:
