@@ -8,7 +8,14 @@ from weightwise.data.corpora import corpus, join_documents
 
 
 class EvalConfig(BaseModel):
-    """Which text to score and how (DESIGN.md §4 protocol)."""
+    """Which text to score and how.
+
+    The protocol: the documents of ``text``/``split`` are joined into one stream with a blank line
+    between them and tokenized without special tokens (no BOS); the ids are cut into non-overlapping
+    windows of ``window`` tokens, the last partial window dropped (``max_tokens`` keeps the first whole
+    windows, at least one); every position of a window but its first is scored, and
+    ``ppl = exp(mean NLL)`` over all scored positions.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,6 +1,8 @@
-"""Perplexity under the benchmark protocol (DESIGN.md §4): the text tokenized as one stream without
-BOS, cut into non-overlapping windows, the last partial window dropped; every position but the first
-of a window is scored, and ``ppl = exp(mean NLL)``."""
+"""Perplexity under the benchmark protocol: the eval text (documents joined by a blank line) is
+tokenized as one stream without special tokens (no BOS) and cut into non-overlapping windows (512
+tokens by default), the last partial window dropped; every position but the first of each window is
+scored, each predicted from its prefix within the window, and ``ppl = exp(mean NLL)`` over all
+scored positions."""
 
 from __future__ import annotations
 
