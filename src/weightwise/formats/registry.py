@@ -1,4 +1,4 @@
-"""Named number formats. Integer, minifloat (ExMy), NF4, ternary and OCP microscaling (MX) formats
+"""Named number formats. Integer, minifloat (ExMy), NF4, IQ4_NL, ternary and OCP microscaling (MX) formats
 are built from their definitions here; ``get_format`` also parses general names like ``fp5_e2m2``."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from scipy.stats import norm
 from weightwise.errors import WeightwiseError
 from weightwise.formats.base import NumberFormat
 
+# llama.cpp's kvalues_iq4nl (gguf-py: gguf.quants.IQ4_NL.kvalues), in nibble order
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 MinifloatSpecials = str  # "finite" (every code a number), "ocp_e4m3" (only S.1111.111 is NaN), "ieee" (top exponent is Inf/NaN)
 
 
@@ -123,6 +125,18 @@ def _build() -> dict[str, NumberFormat]:
             scaling="absmax",
             description="NormalFloat4 (QLoRA): N(0,1) quantiles scaled to [-1, 1]",
             default_group_size=64,
+        )
+    )
+    formats.append(
+        NumberFormat(
+            name="iq4_nl",
+            family="nonuniform",
+            bits=4,
+            values=tuple(float(v) for v in IQ4_NL_LEVELS),
+            scaling="signed_absmax",
+            description="GGUF IQ4_NL's 16 non-uniform levels (-127..113), code = GGUF nibble; "
+            "the largest-magnitude entry on -127 (llama.cpp: fp16 scale per 32-block)",
+            default_group_size=32,
         )
     )
     formats.append(

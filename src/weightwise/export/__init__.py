@@ -1,0 +1,1 @@
+"""Exporters: weightwise quantized tensors in other runtimes' storage formats, bit for bit."""
