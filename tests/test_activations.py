@@ -14,7 +14,7 @@ from weightwise.formats import QuantSpec, dequantize, get_format, quantize_tenso
 from weightwise.formats.activations import activation_spec, fake_quantize_activations
 from weightwise.quantize import QuantizedLinear, QuantRecipe, quantization_record, quantize
 from weightwise.quantize.recipe import validated
-from weightwise.quantize.serialize import load_quantized, save
+from weightwise.io.folders import load_quantized, save
 
 
 def _tokens(seed=0, shape=(4, 6, 48)):
@@ -124,8 +124,8 @@ def test_save_load_round_trip_keeps_act_format(tmp_path):
     w4a8 = quantize(model, {"format": "int4", "group_size": 32, "act_format": "fp8"})
     w4 = quantize(model, {"format": "int4", "group_size": 32})
     record = quantization_record(w4a8)
-    assert record["recipe"]["act_format"] == "fp8_e4m3"  # the alias is stored by its name
-    assert all(layer["act_format"] == "fp8_e4m3" for layer in record["layers"].values())
+    assert record.recipe["act_format"] == "fp8_e4m3"  # the alias is stored by its name
+    assert all(layer.act_format == "fp8_e4m3" for layer in record.layers.values())
     save(w4a8, tmp_path / "w4a8")
     manifest = json.loads((tmp_path / "w4a8" / "manifest.json").read_text())
     assert {layer["act_format"] for layer in manifest["layers"].values()} == {"fp8_e4m3"}
@@ -136,8 +136,8 @@ def test_save_load_round_trip_keeps_act_format(tmp_path):
         logits = w4a8(tokens).logits
         assert torch.equal(loaded(tokens).logits, logits)
         assert not torch.equal(w4(tokens).logits, logits)
-    assert record["layers"].keys() == quantization_record(w4)["layers"].keys()
-    assert [r["stored_bits"] for r in record["layers"].values()] == [r["stored_bits"] for r in quantization_record(w4)["layers"].values()]
+    assert record.layers.keys() == quantization_record(w4).layers.keys()
+    assert [r.stored_bits for r in record.layers.values()] == [r.stored_bits for r in quantization_record(w4).layers.values()]
 
 
 def test_recipe_rejects_an_unknown_act_format():

@@ -288,12 +288,12 @@ def test_awq_beats_rtn_end_to_end_and_records_its_choices():
     assert _output_mse(model, awq, calib) < 0.8 * _output_mse(model, rtn, calib)
     assert not torch.equal(awq.model.layers[0].input_layernorm.weight, norm)  # folded into the copy ...
     assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)  # ... not into the user's model
-    layers = quantization_record(awq)["layers"]
+    layers = quantization_record(awq).layers
     q = layers["model.layers.0.self_attn.q_proj"]
-    assert q["folded"][0]["step"] == "awq" and q["folded"][0]["from"] == "input_layernorm"
-    assert q["folded"][0]["error"] <= q["folded"][0]["rtn_error"]
-    assert "folded" not in layers["model.layers.0.self_attn.o_proj"]  # GQA: v_proj → o_proj skipped
-    assert all(0.5 <= layer["diagnostics"]["clip"]["min_ratio"] <= 1 for layer in layers.values())
+    assert q.folded[0]["step"] == "awq" and q.folded[0]["from"] == "input_layernorm"
+    assert q.folded[0]["error"] <= q.folded[0]["rtn_error"]
+    assert layers["model.layers.0.self_attn.o_proj"].folded is None  # GQA: v_proj → o_proj skipped
+    assert all(0.5 <= layer.diagnostics["clip"]["min_ratio"] <= 1 for layer in layers.values())
 
 
 def test_awq_then_gptq_and_smoothquant_records():
@@ -301,9 +301,9 @@ def test_awq_then_gptq_and_smoothquant_records():
     recipe = {"format": "int4", "group_size": 32, "method": {"name": "awq", "then": "gptq", "clip": False, "grid": 4},
               "smoothquant_alpha": 0.5, "calibration": CALIB}
     qmodel = quantize(model, recipe, calibration=calib)
-    record = quantization_record(qmodel)["layers"]["model.layers.1.mlp.down_proj"]
-    assert [note["step"] for note in record["folded"]] == ["smoothquant", "awq"]
-    assert "damp" in record["diagnostics"] and "clip" not in record["diagnostics"]
+    record = quantization_record(qmodel).layers["model.layers.1.mlp.down_proj"]
+    assert [note["step"] for note in record.folded] == ["smoothquant", "awq"]
+    assert "damp" in record.diagnostics and "clip" not in record.diagnostics
     assert _output_mse(model, qmodel, calib) < _output_mse(model, quantize(model, {"format": "int4", "group_size": 32}), calib)
 
 
@@ -320,7 +320,7 @@ def test_smoothquant_needs_calibration_and_a_valid_alpha():
 
 
 def test_awq_model_saves_and_loads_with_identical_logits(tmp_path):
-    from weightwise.quantize.serialize import load_quantized, save
+    from weightwise.io.folders import load_quantized, save
 
     model, calib = tiny_model(num_key_value_heads=4), torch.randint(1, 96, (8, 32), generator=torch.Generator().manual_seed(3))
     qmodel = quantize(model, {"format": "int4", "group_size": 32, "method": {"name": "awq", "grid": 5, "clip_grid": 5},
@@ -328,7 +328,7 @@ def test_awq_model_saves_and_loads_with_identical_logits(tmp_path):
     loaded, _ = load_quantized(save(qmodel, tmp_path / "awq"))
     with torch.no_grad():
         assert torch.equal(loaded(calib).logits, qmodel(calib).logits)
-    assert quantization_record(loaded)["layers"]["model.layers.0.self_attn.o_proj"]["folded"][0]["from"] == "self_attn.v_proj"
+    assert quantization_record(loaded).layers["model.layers.0.self_attn.o_proj"].folded[0]["from"] == "self_attn.v_proj"
 
 
 def test_killed_awq_run_resumes_with_the_folded_norms(tmp_path):
@@ -343,7 +343,7 @@ def test_killed_awq_run_resumes_with_the_folded_norms(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         quantize(model, recipe, calibration=calib, checkpoint_dir=tmp_path / "partial", progress=kill_after_first_block)
     resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=tmp_path / "partial")
-    assert quantization_record(resumed)["calibration"]["resumed_at_block"] == 1
+    assert quantization_record(resumed).calibration.resumed_at_block == 1
     assert sum(isinstance(m, QuantizedLinear) for m in resumed.modules()) == 14
     with torch.no_grad():
         assert torch.equal(resumed(calib).logits, reference(calib).logits)
@@ -421,6 +421,6 @@ def test_awq_beats_rtn_on_a_block_of_the_default_model(default_model):
     rtn = quantize(model, recipe)
     awq = quantize(model, {**recipe, "method": {"name": "awq", "grid": 5, "clip_grid": 5}}, calibration=tokens)
     assert _output_mse(model, awq, tokens) < _output_mse(model, rtn, tokens)
-    layers = quantization_record(awq)["layers"]
-    assert "folded" not in layers["model.layers.0.self_attn.o_proj"]
-    assert [n["from"] for n in layers["model.layers.0.mlp.down_proj"]["folded"]] == ["mlp.up_proj"]
+    layers = quantization_record(awq).layers
+    assert layers["model.layers.0.self_attn.o_proj"].folded is None
+    assert [n["from"] for n in layers["model.layers.0.mlp.down_proj"].folded] == ["mlp.up_proj"]

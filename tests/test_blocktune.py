@@ -35,8 +35,8 @@ def test_block_tuning_lowers_block_and_model_error_with_the_same_codes_and_size(
     model, calib, held_out = tiny_model(attention_bias=True), _tokens(1), _tokens(2)
     plain = quantize(model, RECIPE, calibration=calib)
     tuned = quantize(model, {**RECIPE, "block_tune": {"epochs": 6, "lr": 3e-3}}, calibration=calib)
-    results = [layer["block_tune"] for layer in quantization_record(tuned)["layers"].values()]
-    assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in results)
+    results = [layer.block_tune for layer in quantization_record(tuned).layers.values()]
+    assert all(r.kept and r.loss_after < r.loss_before for r in results)
     assert _logit_mse(model, tuned, held_out) < _logit_mse(model, plain, held_out)
     before, after = _quantized(plain), _quantized(tuned)
     for name, layer in after.items():
@@ -52,14 +52,14 @@ def test_tuning_that_does_not_help_is_undone():
     model, calib = tiny_model(), _tokens(3)
     plain = quantize(model, RECIPE, calibration=calib)
     wild = quantize(model, {**RECIPE, "block_tune": {"epochs": 2, "lr": 50.0, "tune_norms": False}}, calibration=calib)
-    results = [layer["block_tune"] for layer in quantization_record(wild)["layers"].values()]
-    assert not any(r["kept"] for r in results)
+    results = [layer.block_tune for layer in quantization_record(wild).layers.values()]
+    assert not any(r.kept for r in results)
     for (name, a), b in zip(plain.state_dict().items(), wild.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_block_tuned_model_saves_loads_and_resumes_identically(tmp_path):
-    from weightwise.quantize.serialize import load_quantized, save
+    from weightwise.io.folders import load_quantized, save
 
     model, calib = tiny_model(attention_bias=True), _tokens(4)
     recipe = {**RECIPE, "method": "gptq", "block_tune": {"epochs": 2, "lr": 3e-3}}
@@ -76,7 +76,7 @@ def test_block_tuned_model_saves_loads_and_resumes_identically(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint, progress=kill_after_first_block)
     resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
-    assert quantization_record(resumed)["calibration"]["resumed_at_block"] == 1
+    assert quantization_record(resumed).calibration.resumed_at_block == 1
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -95,5 +95,5 @@ def test_frozen_parameters_are_tuned_and_stay_frozen():
     model, calib = tiny_model(), _tokens(5)
     model.requires_grad_(False)
     tuned = quantize(model, {**RECIPE, "block_tune": {"epochs": 2, "lr": 3e-3}}, calibration=calib)
-    assert all(layer["block_tune"]["kept"] for layer in quantization_record(tuned)["layers"].values())
+    assert all(layer.block_tune.kept for layer in quantization_record(tuned).layers.values())
     assert not any(p.requires_grad for p in tuned.parameters())

@@ -15,7 +15,7 @@ from weightwise.quantize.calibration import (
     layer_sequential,
     run_block,
 )
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.qlinear import QuantizedLinear
 
 
 def _tokens(n=6, length=16, seed=0):

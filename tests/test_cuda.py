@@ -48,7 +48,7 @@ def test_gpu_quantization_matches_the_cpu_path(name):
     source = {k: v.clone() for k, v in model.state_dict().items()}
     on_cpu = quantize(model, RECIPES[name], calibration=calib)
     on_gpu = quantize(model, RECIPES[name], calibration=calib, device="cuda")
-    assert quantization_record(on_gpu)["device"] == "cuda"
+    assert quantization_record(on_gpu).device == "cuda"
     assert all(t.device.type == "cpu" for t in [*on_gpu.parameters(), *on_gpu.buffers()])  # back in CPU memory
     assert all(torch.equal(source[k], v) for k, v in model.state_dict().items())  # the source is untouched
     cpu_q = {n: m for n, m in on_cpu.named_modules() if isinstance(m, QuantizedLinear)}
@@ -74,7 +74,7 @@ def test_a_killed_gpu_run_resumes_to_the_same_model(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         quantize(model, recipe, calibration=calib, checkpoint_dir=tmp_path, progress=kill_after_first_block, device="cuda")
     resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=tmp_path, device="cuda")
-    assert quantization_record(resumed)["calibration"]["resumed_at_block"] == 1
+    assert quantization_record(resumed).calibration.resumed_at_block == 1
     expected = reference.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in resumed.state_dict().items())
 
@@ -86,7 +86,7 @@ def test_cli_quantizes_and_tunes_on_the_gpu(capsys, monkeypatch, tiny_dir, tmp_p
     code, out, err = run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--method", "gptq", "--format", "int4", "--group-size",
                              "32", "--calib", f"{text}:8x32", "--block-tune", "--device", "cuda", "-o", run)
     assert code == 0, err
-    assert json.loads((run / "manifest.json").read_text())["device"].startswith("cuda") and "on cuda" in out
+    assert json.loads((run / "manifest.json").read_text()).device.startswith("cuda") and "on cuda" in out
     task = tmp_path / "toy.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(11, 19)))
     tuned = tmp_path / "t"

@@ -15,7 +15,7 @@ from weightwise.quantize import QuantizedLinear, QuantRecipe, quantization_recor
 from weightwise.quantize.methods.fpsearch import clip_groups, minifloat_splits, search_fp_format
 from weightwise.quantize.methods.gptq import output_error
 from weightwise.quantize.recipe import validated
-from weightwise.quantize.serialize import load_quantized, save
+from weightwise.io.folders import load_quantized, save
 
 GROUP = {"granularity": "group", "group_size": 32}
 
@@ -108,16 +108,16 @@ def test_end_to_end_on_a_tiny_model_with_save_and_load(tmp_path):
     record = quantization_record(qmodel)
     modules = dict(qmodel.named_modules())
     chosen = set()
-    for name, layer in record["layers"].items():
-        search = layer["diagnostics"]["fp_search"]
-        assert layer["spec"]["format"] == search["format"] == modules[name].spec.format
+    for name, layer in record.layers.items():
+        search = layer.diagnostics["fp_search"]
+        assert layer.spec.format == search["format"] == modules[name].spec.format
         assert search["format"] in minifloat_splits(4) and search["clip_ratio"] in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
         assert search["output_error"] == min(e for by_ratio in search["errors"].values() for e in by_ratio.values())
-        assert layer["stored_bits"] == QuantizedLinear.from_quantized(
+        assert layer.stored_bits == QuantizedLinear.from_quantized(
             quantize_tensor(torch.zeros(modules[name].out_features, modules[name].in_features),
                             QuantSpec(format="fp4_e2m1", **GROUP))).stored_bits()  # same size as the recipe's format
         chosen.add(search["format"])
-    assert len(record["layers"]) == 14 and record["calibration"]["tokens"] == calib.numel()
+    assert len(record.layers) == 14 and record.calibration.tokens == calib.numel()
     save(qmodel, tmp_path / "searched")
     loaded, _ = load_quantized(tmp_path / "searched")
     with torch.no_grad():

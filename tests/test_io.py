@@ -369,8 +369,7 @@ def test_default_model_end_to_end():
 
 
 def test_quantized_model_folder_goes_to_load_quantized(tmp_path, monkeypatch):
-    import sys
-    import types
+    import weightwise.io.models as models
 
     calls = []
 
@@ -378,9 +377,7 @@ def test_quantized_model_folder_goes_to_load_quantized(tmp_path, monkeypatch):
         calls.append(path)
         return _tiny_model().train(), "tokenizer"
 
-    fake = types.ModuleType("weightwise.quantize.serialize")
-    fake.load_quantized = load_quantized
-    monkeypatch.setitem(sys.modules, "weightwise.quantize.serialize", fake)
+    monkeypatch.setattr(models, "load_quantized", load_quantized)
     write_manifest(tmp_path, "quantized-model", recipe={})
     model, tokenizer = load_model(tmp_path)
     assert calls == [tmp_path] and tokenizer == "tokenizer" and not model.training

@@ -5,7 +5,7 @@ import torch
 
 from weightwise.errors import WeightwiseError
 from weightwise.formats import QuantSpec, fake_quantize
-from weightwise.quantize.lowrank import low_rank_compensation
+from weightwise.formats.lowrank import low_rank_compensation
 
 
 def _error(out: int = 24, inp: int = 64, seed: int = 0) -> torch.Tensor:

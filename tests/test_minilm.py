@@ -13,11 +13,12 @@ from weightwise.data.corpora import corpus
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.embeddings import embedding_cosine, mean_pool, paragraphs, sentence_embeddings
 from weightwise.io.models import load_model
-from weightwise.quantize.api import quantization_record, quantize, target_layers
+from weightwise.quantize.api import quantize, target_layers
+from weightwise.records import quantization_record
 from weightwise.quantize.calibration import CalibrationConfig, calibration_tokens, capture_block_inputs, run_block
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.qlinear import QuantizedLinear
 from weightwise.quantize.recipe import QuantRecipe
-from weightwise.quantize.serialize import save
+from weightwise.io.folders import save
 
 LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
            "intermediate.dense", "output.dense")
@@ -66,12 +67,12 @@ def test_tiny_bert_quantizes_with_rtn_and_gptq(method):
     quantized = [name for name, m in qmodel.named_modules() if isinstance(m, QuantizedLinear)]
     assert len(quantized) == 12 and isinstance(qmodel.pooler.dense, nn.Linear)
     record = quantization_record(qmodel)
-    assert all(layer["sqnr_db"] > 30 for layer in record["layers"].values())
+    assert all(layer.sqnr_db > 30 for layer in record.layers.values())
     with torch.no_grad():
         ref, out = model(input_ids=tokens).last_hidden_state, qmodel(input_ids=tokens).last_hidden_state
     assert torch.nn.functional.cosine_similarity(ref, out, dim=-1).min() > 0.99  # int8: close to the float model
     if method == "gptq":
-        assert record["calibration"]["tokens"] == tokens.numel()
+        assert record.calibration.tokens == tokens.numel()
 
 
 class _ScaledBlock(nn.Module):

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.size import model_size
 from weightwise.quantize import QuantizedLinear, QuantRecipe, quantization_record, quantize
-from weightwise.quantize.serialize import load_quantized, save
+from weightwise.io.folders import load_quantized, save
 
 TARGETS_PER_BLOCK = 7
 
@@ -50,9 +50,9 @@ def test_sqnr_recorded_and_higher_for_more_bits():
     model = tiny_model()
     s8 = quantization_record(quantize(model, {"format": "int8", "granularity": "channel"}))
     s3 = quantization_record(quantize(model, {"format": "int3", "group_size": 32}))
-    for name, layer in s8["layers"].items():
-        assert layer["sqnr_db"] > s3["layers"][name]["sqnr_db"] + 10
-    assert len(s8["source_fingerprint"]) == 64
+    for name, layer in s8.layers.items():
+        assert layer.sqnr_db > s3.layers[name].sqnr_db + 10
+    assert len(s8.source_fingerprint) == 64
 
 
 def test_overrides_skip_and_change_format():
@@ -197,13 +197,13 @@ def test_lorc_improves_layers_and_is_counted_in_the_size(tmp_path):
     plain = quantize(model, {"format": "int3", "group_size": 32})
     compensated = quantize(model, {"format": "int3", "group_size": 32, "lorc_rank": 4,
                                    "overrides": [{"pattern": "down_proj", "lorc_rank": 8}]})
-    p, c = quantization_record(plain)["layers"], quantization_record(compensated)["layers"]
+    p, c = quantization_record(plain).layers, quantization_record(compensated).layers
     for name in p:
-        assert c[name]["sqnr_db"] > p[name]["sqnr_db"]
+        assert c[name].sqnr_db > p[name].sqnr_db
         rank = 8 if "down_proj" in name else 4
         out_f, in_f = dict(model.named_modules())[name].weight.shape
-        assert c[name]["stored_bits"] - p[name]["stored_bits"] == 16 * rank * (out_f + in_f)
-        assert c[name]["lorc"] == {"rank": rank, "dtype": "fp16"}
+        assert c[name].stored_bits - p[name].stored_bits == 16 * rank * (out_f + in_f)
+        assert c[name].lorc.model_dump() == {"rank": rank, "dtype": "fp16"}
     assert model_size(compensated)["bits_per_weight"] > model_size(plain)["bits_per_weight"]
     loaded, _ = load_quantized(save(compensated, tmp_path / "lorc"))
     ids = torch.randint(0, 96, (1, 9))
@@ -227,7 +227,7 @@ def test_pow2_scales_through_the_model(tmp_path, mode):
 
 
 def test_dequantized_once_gives_the_same_outputs_and_is_released():
-    from weightwise.quantize.qlinear import dequantized_once
+    from weightwise.qlinear import dequantized_once
 
     qmodel = quantize(tiny_model(), {"format": "nf4", "group_size": 32})
     ids = torch.randint(0, 96, (2, 8))

@@ -26,8 +26,8 @@ def test_gptq_beats_rtn_on_held_out_tokens():
     gptq = quantize(model, {"format": "int3", "group_size": 32, "method": "gptq", "calibration": CALIB}, calibration=calib)
     assert _output_mse(model, gptq, held_out) < _output_mse(model, rtn, held_out)
     record = quantization_record(gptq)
-    assert record["recipe"]["method"]["name"] == "gptq" and record["calibration"]["tokens"] == calib.numel()
-    assert all("damp" in layer["diagnostics"] for layer in record["layers"].values())
+    assert record.recipe["method"]["name"] == "gptq" and record.calibration.tokens == calib.numel()
+    assert all("damp" in layer.diagnostics for layer in record.layers.values())
 
 
 def test_gptq_needs_calibration_data():
@@ -58,7 +58,7 @@ def test_killed_run_resumes_at_the_next_block_with_identical_weights(tmp_path):
         quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint, progress=kill_after_first_block)
     assert (checkpoint / "progress.json").is_file()
     resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
-    assert quantization_record(resumed)["calibration"]["resumed_at_block"] == 1
+    assert quantization_record(resumed).calibration.resumed_at_block == 1
     assert not checkpoint.exists()
     ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
     for name, module in resumed.named_modules():
@@ -79,24 +79,38 @@ def test_stale_checkpoint_is_ignored(tmp_path):
                  calibration=calib, checkpoint_dir=checkpoint, progress=kill)
     other = quantize(model, {"format": "int3", "group_size": 16, "method": "gptq", "calibration": CALIB},
                      calibration=calib, checkpoint_dir=checkpoint)
-    assert quantization_record(other)["calibration"]["resumed_at_block"] == 0
+    assert quantization_record(other).calibration.resumed_at_block == 0
 
 
 def test_planner_meets_the_bit_budget_and_predicts_less_error_than_uniform():
     model, calib = tiny_model(), _tokens(5)
     candidates = [{"format": "int2_asym", "group_size": 32}, {"format": "int3", "group_size": 32},
                   {"format": "int4", "group_size": 32}, {"format": "int8", "granularity": "channel"}]
-    qmodel = quantize(model, {"format": "int4", "target_bpw": 3.6, "candidates": candidates, "calibration": CALIB},
-                      calibration=calib)
-    plan = quantization_record(qmodel)["plan"]
+    qmodel = quantize(model, {"target_bpw": 3.6, "candidates": candidates, "calibration": CALIB}, calibration=calib)
+    plan = quantization_record(qmodel).plan
+    label = quantization_record(qmodel).format_label  # the run is named by the formats it really holds
+    assert label.startswith("mixed: ") and all(c.choice.split()[0] in label for c in plan.choices.values())
     from weightwise.evaluate.size import model_size
 
     size = model_size(qmodel)
-    assert size["bits_per_weight"] <= 3.6 and plan["bits_per_weight"] == pytest.approx(size["bits_per_weight"])
-    assert len({c["choice"] for c in plan["choices"].values()}) > 1 and plan["optimal"]
+    assert size["bits_per_weight"] <= 3.6 and plan.bits_per_weight == pytest.approx(size["bits_per_weight"])
+    assert len({c.choice for c in plan.choices.values()}) > 1 and plan.optimal
     # uniform int3 g32 (3.5 bits/weight) is one feasible plan: the optimum predicts no more error than it
     uniform = quantize(model, {"target_bpw": 3.6, "candidates": candidates[1:2], "calibration": CALIB}, calibration=calib)
-    assert plan["predicted_error"] <= quantization_record(uniform)["plan"]["predicted_error"]
+    assert plan.predicted_error <= quantization_record(uniform).plan.predicted_error
+
+
+@pytest.mark.parametrize("field", [{"format": "int3"}, {"group_size": 32}, {"granularity": "channel"},
+                                   {"scale_dtype": "bf16"}, {"lorc_rank": 4}])
+def test_a_size_target_refuses_per_layer_settings_the_planner_would_drop(field):
+    with pytest.raises(WeightwiseError, match=f"drop {next(iter(field))}"):
+        quantize(tiny_model(), {"target_bpw": 3.6, **field})
+
+
+def test_gptq_clip_search_refuses_ratio_scales():
+    with pytest.raises(WeightwiseError, match="clip_search is not supported with pow2_scales 'ratio'"):
+        quantize(tiny_model(), {"format": "int4", "group_size": 32, "pow2_scales": "ratio",
+                                "method": {"name": "gptq", "clip_search": True}})
 
 
 def test_planner_with_target_mb_and_gptq():
@@ -166,7 +180,21 @@ def test_an_explicit_device_runs_block_by_block_and_returns_the_model_where_it_w
     model, calib = tiny_model(), _tokens(4)
     plain = quantize(model, recipe, calibration=calib)
     moved = quantize(model, recipe, calibration=calib, device="cpu")
-    assert quantization_record(moved)["device"] == "cpu"
+    assert quantization_record(moved).device == "cpu"
     plain_state, moved_state = plain.state_dict(), moved.state_dict()
     assert plain_state.keys() == moved_state.keys()
     assert all(torch.equal(plain_state[k], moved_state[k]) for k in plain_state)
+
+
+def test_save_load_keeps_every_field_of_the_record(tmp_path):
+    """plan, calibration and device used to be dropped on reload: the typed record survives unchanged."""
+    from weightwise.io.folders import load_quantized, save
+
+    model, calib = tiny_model(), _tokens(5)
+    candidates = [{"format": "int3", "group_size": 32}, {"format": "int4", "group_size": 32}]
+    qmodel = quantize(model, {"method": "gptq", "target_bpw": 3.8, "candidates": candidates, "calibration": CALIB},
+                      calibration=calib)
+    record = quantization_record(qmodel)
+    assert record.plan is not None and record.calibration is not None and record.device == "cpu"
+    loaded, _ = load_quantized(save(qmodel, tmp_path / "run"))
+    assert quantization_record(loaded) == record

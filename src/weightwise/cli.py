@@ -130,9 +130,10 @@ def quantize_cmd(
     Calibrated methods (gptq, awq, fpsearch) checkpoint every finished decoder block next to the output folder:
     rerunning the same command after a kill resumes at the next unfinished block.
     """
+    from weightwise.io.folders import save
     from weightwise.io.models import model_source_info
     from weightwise.quantize.api import quantize
-    from weightwise.quantize.serialize import save
+    from weightwise.records import quantization_record
 
     if search_fp and method not in (None, "fpsearch"):
         raise WeightwiseError(f"--search-fp is the method fpsearch; drop --method {method} or --search-fp")
@@ -157,34 +158,24 @@ def quantize_cmd(
 
     size = model_size(qmodel)
     save(qmodel, output, tokenizer=tokenizer, source=model_source_info(model), metrics={"size": size})
-    record = qmodel.weightwise_quantization
-    sqnrs = [layer["sqnr_db"] for layer in record["layers"].values()]
-    finite = [s for s in sqnrs if s is not None]
+    info = quantization_record(qmodel).summary()
     summary = Table(show_header=False, title=f"{output}")
-    summary.add_row("layers quantized", str(len(sqnrs)))
-    summary.add_row("weight SQNR (dB)", f"min {min(finite):.2f} / mean {sum(finite) / len(finite):.2f}" if finite else "exact")
-    summary.add_row("exact layers", str(len(sqnrs) - len(finite)))
+    summary.add_row("layers quantized", str(info["layers"]))
+    summary.add_row("formats", info["formats"])
+    summary.add_row("weight SQNR (dB)", "exact" if info["sqnr_db_min"] is None else
+                    f"min {info['sqnr_db_min']:.2f} / mean {info['sqnr_db_mean']:.2f}")
+    summary.add_row("exact layers", str(info["exact_layers"]))
     summary.add_row("bits/weight (quantized linears)", f"{size['bits_per_weight']:.3f}")
     summary.add_row("model size (MB)", f"{size['total_bytes'] / 1e6:.1f}")
-    summary.add_row("quantize time (s)", f"{record['timings']['quantize_seconds']:.1f} on {record['device']}")
-    if recipe.act_format:
-        summary.add_row("activations (simulated)", f"{recipe.act_format} per token")
-    searched: dict[str, int] = {}
-    for layer in record["layers"].values():
-        if "fp_search" in layer.get("diagnostics", {}):
-            choice = layer["diagnostics"]["fp_search"]
-            label = f"{choice['format']} clip {choice['clip_ratio']:g}"
-            searched[label] = searched.get(label, 0) + 1
-    if searched:
-        summary.add_row("fp search choices", ", ".join(f"{label} ×{n}" for label, n in sorted(searched.items())))
-    if "plan" in record:
-        plan = record["plan"]
-        counts: dict[str, int] = {}
-        for choice in plan["choices"].values():
-            counts[choice["choice"]] = counts.get(choice["choice"], 0) + 1
+    summary.add_row("quantize time (s)", f"{info['quantize_seconds']:.1f} on {info['device']}")
+    if info["act_format"]:
+        summary.add_row("activations (simulated)", f"{info['act_format']} per token")
+    if info["fp_search_choices"]:
+        summary.add_row("fp search choices", ", ".join(f"{label} ×{n}" for label, n in info["fp_search_choices"].items()))
+    if info["plan"]:
+        plan = info["plan"]
         summary.add_row("plan", f"{plan['bits_per_weight']:.3f} bits/weight (budget {plan['budget_bits']} bits, "
                         f"{'optimal' if plan['optimal'] else 'not proven optimal'})")
-        summary.add_row("plan choices", ", ".join(f"{label} ×{n}" for label, n in sorted(counts.items())))
     Console().print(summary)
 
 
@@ -204,35 +195,20 @@ def eval_cmd(
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Perplexity, KL to a reference, top-1 agreement, size and speed of one or more models; one report."""
-    from weightwise.evaluate import evaluate, reference_outputs, token_windows
+    from weightwise.compare import evaluate_sources
     from weightwise.evaluate.report import write_report
-    from weightwise.quantize.api import quantization_record
 
     cfg = _build(EvalConfig, config, _given(text=text, split=split, max_tokens=max_tokens, window=window,
                                             batch_size=batch_size, measure_speed=speed))
-    corpus_text = cfg.load_text()
-    ref_outputs = None
-    if reference is not None:
-        ref_model, ref_tok = _load(reference, allow_pickle, trust_remote_code)
-        windows = token_windows(ref_tok, corpus_text, window=cfg.window, max_tokens=cfg.max_tokens)
-        with _progress(f"reference {reference}") as update:
-            ref_outputs = reference_outputs(ref_model, windows, batch_size=cfg.batch_size, measure_speed=cfg.measure_speed, progress=update)
-        del ref_model
-    rows = []
-    for source in models:
-        model_obj, tokenizer = _load(source, allow_pickle, trust_remote_code)
-        if tokenizer is None:
-            raise WeightwiseError(f"{source} has no tokenizer files; save the tokenizer with the model")
-        with _progress(f"evaluating {source}") as update:
-            result = evaluate(model_obj, tokenizer, text=corpus_text, reference=ref_outputs, max_tokens=cfg.max_tokens,
-                              window=cfg.window, batch_size=cfg.batch_size, measure_speed=cfg.measure_speed, progress=update)
-        row = {"name": source, **result.model_dump()}
-        record = quantization_record(model_obj)
-        if record:
-            row.update(format=record["recipe"]["format"], recipe=record["recipe"], quantize_seconds=record["timings"]["quantize_seconds"])
-        rows.append(row)
-        console.print(f"{source}: ppl {row['ppl']:.3f}" + (f", KL {row['kl_mean']:.4f}" if row["kl_mean"] is not None else ""))
-        del model_obj
+
+    def load(source: str):
+        return _load(source, allow_pickle, trust_remote_code)
+
+    def on_row(row: dict) -> None:
+        console.print(f"{row['name']}: ppl {row['ppl']:.3f}" + (f", KL {row['kl_mean']:.4f}" if row["kl_mean"] is not None else ""))
+
+    with _progress("evaluating") as update:
+        rows = evaluate_sources(models, cfg, load, reference=reference, progress=update, on_row=on_row)
     title = "weightwise eval" + (f" (reference: {reference})" if reference else "")
     write_report(output, rows, title=title, settings={**cfg.model_dump(), "reference": reference})
     _print_rows(rows)

@@ -1,6 +1,5 @@
-"""Quantize one model with several recipes and evaluate each against it, in one run and one harness.
-
-The main job of `weightwise demo`, `bench/formats.py` and multi-model `weightwise eval`.
+"""Evaluate several models in one harness: one model quantized with several recipes (`weightwise demo`,
+`bench/formats.py`), or several saved models and runs against one reference (`weightwise eval`).
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ from torch import nn
 
 from weightwise.evaluate import evaluate, reference_outputs, reference_result, token_windows
 from weightwise.evaluate.config import EvalConfig
-from weightwise.quantize.api import quantization_record, quantize
+from weightwise.errors import WeightwiseError
+from weightwise.quantize.api import quantize
 from weightwise.quantize.recipe import QuantRecipe
+from weightwise.records import QuantizationRecord, quantization_record
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,53 @@ def compare_recipes(
         qmodel = quantize(model, recipe, tokenizer=tokenizer, device=device)
         quantize_seconds = time.perf_counter() - started
         result = evaluate(qmodel, tokenizer, **eval_kwargs).model_dump()
-        rows.append({"name": label, "format": recipe.format, "recipe": recipe.model_dump(mode="json"),
-                     "quantize_seconds": quantize_seconds, "quantize_device": quantization_record(qmodel)["device"], **result})
+        rows.append({"name": label, **run_fields(quantization_record(qmodel)), "quantize_seconds": quantize_seconds, **result})
         say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")
         if on_row:
             on_row(rows[-1])
         del qmodel
+        gc.collect()
+    return rows
+
+
+def run_fields(record: QuantizationRecord) -> dict:
+    """What a result row says of a quantized run: its real formats (mixed when the planner mixed them), recipe,
+    quantize time and device."""
+    return {"format": record.format_label, "recipe": record.recipe, "quantize_seconds": record.quantize_seconds,
+            "quantize_device": record.device}
+
+
+def evaluate_sources(
+    sources: list[str],
+    config: EvalConfig,
+    load: Callable[[str], tuple[nn.Module, object]],
+    *,
+    reference: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """One row per source (a model or run folder, loaded by ``load``): perplexity, size, speed and, with a
+    ``reference`` source, KL and top-1 agreement to it on the same windows. Models are loaded one at a time."""
+    text = config.load_text()
+    ref_outputs = None
+    if reference is not None:
+        ref_model, ref_tokenizer = load(reference)
+        windows = token_windows(ref_tokenizer, text, window=config.window, max_tokens=config.max_tokens)
+        ref_outputs = reference_outputs(ref_model, windows, batch_size=config.batch_size,
+                                        measure_speed=config.measure_speed, progress=progress)
+        del ref_model
+    rows = []
+    for source in sources:
+        model, tokenizer = load(source)
+        if tokenizer is None:
+            raise WeightwiseError(f"{source} has no tokenizer files; save the tokenizer with the model")
+        result = evaluate(model, tokenizer, text=text, reference=ref_outputs, max_tokens=config.max_tokens,
+                          window=config.window, batch_size=config.batch_size, measure_speed=config.measure_speed,
+                          progress=progress)
+        record = quantization_record(model)
+        rows.append({"name": source, **result.model_dump(), **(run_fields(record) if record else {})})
+        if on_row:
+            on_row(rows[-1])
+        del model
         gc.collect()
     return rows

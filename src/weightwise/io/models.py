@@ -48,6 +48,7 @@ from weightwise.io.artifacts import (
     read_manifest,
     write_json_atomic,
 )
+from weightwise.io.folders import load_quantized
 from weightwise.io.defaults import DEFAULT_MODEL_NAME, MINILM_MODEL_NAME, default_gguf_path, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ def load_model(
     start = time.perf_counter()
     src = _resolve(source)
     if src.kind == QUANTIZED_MODEL_KIND:
-        from weightwise.quantize.serialize import load_quantized
-
         model, tokenizer = load_quantized(src.path)
     elif src.kind == "gguf":
         folder = _gguf_cache_folder(src.path)

@@ -15,22 +15,29 @@ from torch import nn
 
 from weightwise.architectures import family_of, matches
 from weightwise.errors import WeightwiseError
+from weightwise.formats.base import QuantSpec
+from weightwise.formats.lowrank import low_rank_compensation
 from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
+from weightwise.qlinear import QuantizedLinear
 from weightwise.quantize.blocktune import tune_block
 from weightwise.quantize.calibration import BlockPass, calibration_tokens, device_of, layer_sequential, run_block
 from weightwise.quantize.checkpoint import BlockCheckpoint
-from weightwise.quantize.lowrank import low_rank_compensation
-from weightwise.quantize.planning import plan_layers, plan_summary
-from weightwise.quantize.sensitivity import output_gradient_moments
 from weightwise.quantize.methods import run_method
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.quantize.planning import plan_layers, plan_summary
 from weightwise.quantize.recipe import QuantRecipe, validated
+from weightwise.quantize.sensitivity import output_gradient_moments
+from weightwise.records import (
+    BlockTuneResult,
+    CalibrationRecord,
+    LayerRecord,
+    LowRankRecord,
+    PlanRecord,
+    QuantizationRecord,
+    attach_record,
+)
 
 logger = logging.getLogger(__name__)
-
-RECORD_ATTRIBUTE = "weightwise_quantization"
-
 
 def target_layers(model: nn.Module, recipe: QuantRecipe) -> list[tuple[str, nn.Linear]]:
     """The Linear modules the recipe targets, in module order (ignores and family defaults applied)."""
@@ -74,9 +81,9 @@ def quantize(
     ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block.
     ``progress(done, total, name)`` is called after each layer. With ``device`` (e.g. "cuda") the work runs
     there one block (or layer) at a time while the model stays where it is; the result is where the model
-    was. The returned model carries a record
-    (recipe, per-layer spec, SQNR and diagnostics, source fingerprint, timings) that
-    :func:`weightwise.save` writes to the manifest.
+    was. The returned model carries a :class:`~weightwise.records.QuantizationRecord` (recipe, per-layer
+    spec, SQNR and diagnostics, source fingerprint, timings, device, calibration, plan) that
+    :func:`weightwise.save` writes to the manifest; read it with :func:`weightwise.quantization_record`.
     """
     recipe = _as_recipe(recipe)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
@@ -95,102 +102,106 @@ def quantize(
         ranks = {name: rank for name, (_, rank) in choices.items()}
     if not inplace:
         model = copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    layers: dict[str, dict] = {}
+    job = QuantizeJob(model, recipe, plan, ranks, device, progress)
+    calibration_record = None
+    if recipe.needs_calibration:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), source_fingerprint, tokens)
+        calibration_record = job.run_calibrated(tokens, checkpoint)
+    else:
+        for name in plan:
+            home = job.modules[name].weight.device
+            job.quantize_layer(name, None).to(home)  # made on ``device``: the layer returns next to its neighbours
+    elapsed = time.perf_counter() - start
+    logger.info("quantized %d layers with %s/%s in %.1f s", len(job.layers), recipe.method.name, recipe.format, elapsed)
+    attach_record(model, QuantizationRecord(
+        recipe=recipe.model_dump(mode="json"), layers=job.layers, source_fingerprint=source_fingerprint,
+        quantize_seconds=elapsed, device=str(device or device_of(model) or "cpu"), calibration=calibration_record, plan=planned))
+    return model
 
-    def install(name: str, qlinear: QuantizedLinear, record: dict) -> None:
+
+class QuantizeJob:
+    """One quantization of one model: what every step needs (the model and its modules by name, the recipe, each
+    layer's planned spec and LoRC rank, the device) and the layer records made so far."""
+
+    def __init__(self, model: nn.Module, recipe: QuantRecipe, plan: dict[str, QuantSpec], ranks: dict[str, int],
+                 device, progress: Callable[[int, int, str], None] | None):
+        self.model, self.recipe, self.plan, self.ranks, self.device, self.progress = model, recipe, plan, ranks, device, progress
+        self.modules = dict(model.named_modules())
+        self.layers: dict[str, LayerRecord] = {}
+
+    def install(self, name: str, qlinear: QuantizedLinear, record: LayerRecord) -> None:
+        """Put ``qlinear`` in place of the Linear called ``name`` and keep its record."""
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, qlinear)
-        modules[name] = qlinear
-        layers[name] = record
-        if progress:
-            progress(len(layers), len(plan), name)
+        setattr(self.modules[parent_name] if parent_name else self.model, child, qlinear)
+        self.modules[name] = qlinear
+        self.layers[name] = record
+        if self.progress:
+            self.progress(len(self.layers), len(self.plan), name)
 
-    def quantize_layer(name: str, stats: dict | None) -> QuantizedLinear:
-        weight = modules[name].weight.detach().to(device=device, dtype=torch.float32)
-        spec, rank = plan[name], ranks[name]
+    def quantize_layer(self, name: str, stats: dict | None) -> QuantizedLinear:
+        """Quantize one layer by the recipe's method (with its calibration ``stats``, if any) and install it."""
+        recipe, linear = self.recipe, self.modules[name]
+        weight = linear.weight.detach().to(device=self.device, dtype=torch.float32)
+        spec, rank = self.plan[name], self.ranks[name]
         mean = None
-        if recipe.bias_correction and modules[name].bias is not None and stats and "act_mean" in stats:
+        if recipe.bias_correction and linear.bias is not None and stats and "act_mean" in stats:
             mean = stats["act_mean"].to(torch.float32)
             stats = {**stats, "hessian": stats["hessian"] - torch.outer(mean, mean)}  # the covariance: the mean goes to the bias
         qt, diagnostics = run_method(recipe.method, weight, spec, stats)
         factors = None
         if rank:
             factors = low_rank_compensation(weight - dequantize(qt), rank, recipe.lorc_dtype)
-        qlinear = QuantizedLinear.from_quantized(qt, modules[name].bias, factors, recipe.lorc_dtype, recipe.act_format)
+        qlinear = QuantizedLinear.from_quantized(qt, linear.bias, factors, recipe.lorc_dtype, recipe.act_format)
         if mean is not None:  # the mean output error, moved into the bias
             with torch.no_grad():
                 qlinear.bias += ((weight - qlinear.dequantized_weight()) @ mean).to(qlinear.bias.dtype)
         # qt.spec, not spec: a searching method (fpsearch) may choose another format than planned
-        record = {"spec": qt.spec.model_dump(exclude_none=True), "stored_bits": qlinear.stored_bits(),
-                  "sqnr_db": weight_sqnr_db(weight, qlinear.dequantized_weight())}
-        if factors is not None:
-            record["lorc"] = {"rank": rank, "dtype": recipe.lorc_dtype}
-        if recipe.act_format is not None:
-            record["act_format"] = recipe.act_format
-        if diagnostics:
-            record["diagnostics"] = diagnostics
-        if stats and "folded" in stats:  # scales migrated into this layer's input (SmoothQuant, AWQ)
-            record["folded"] = stats["folded"]
-        install(name, qlinear, record)
+        record = LayerRecord(
+            spec=qt.spec, stored_bits=qlinear.stored_bits(), sqnr_db=weight_sqnr_db(weight, qlinear.dequantized_weight()),
+            lorc=None if factors is None else LowRankRecord(rank=rank, dtype=recipe.lorc_dtype),
+            act_format=recipe.act_format, diagnostics=diagnostics or {},
+            folded=stats.get("folded") if stats else None)  # scales migrated into this layer's input (SmoothQuant, AWQ)
+        self.install(name, qlinear, record)
         return qlinear
 
-    calibration_info = None
-    if recipe.needs_calibration:
-        calibration_info = _calibrated(model, recipe, plan, modules, layers, quantize_layer, install,
-                                       tokens, checkpoint_dir, source_fingerprint, device)
-    else:
-        for name in plan:
-            home = modules[name].weight.device
-            quantize_layer(name, None).to(home)  # made on ``device``: the layer returns next to its neighbours
-    elapsed = time.perf_counter() - start
-    logger.info("quantized %d layers with %s/%s in %.1f s", len(layers), recipe.method.name, recipe.format, elapsed)
-    record = {"recipe": recipe.model_dump(mode="json"), "layers": layers, "source_fingerprint": source_fingerprint,
-              "timings": {"quantize_seconds": elapsed}, "device": str(device or device_of(model) or "cpu")}
-    if calibration_info:
-        record["calibration"] = calibration_info
-    if planned is not None:
-        record["plan"] = planned
-    setattr(model, RECORD_ATTRIBUTE, record)
-    return model
-
-
-def _calibrated(model, recipe, plan, modules, layers, quantize_layer, install, tokens, checkpoint_dir, fingerprint, device) -> dict:
-    """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint_dir``."""
-    blocks, by_block = _targets_by_block(model, modules, plan)
-    checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), fingerprint, tokens) if checkpoint_dir else None
-    start_block = 0
-    if checkpoint is not None:
-        start_block, records, saved = checkpoint.load(modules)
-        for name, qlinear in saved.items():
-            install(name, qlinear, records[name])
-
-    family, steps = family_of(getattr(model.config, "model_type", "unknown")), recipe.block_steps()
-
-    def quantize_block(index: int, block_name: str, stats: dict[str, dict], block_pass: BlockPass) -> None:
-        targets = None
-        if recipe.block_tune is not None:  # the float block's outputs, before any of its layers is quantized
-            targets = [out for out, _, _ in run_block(modules[block_name], block_pass.inputs)]
-        for step in steps:  # block-level transforms (scale migration) before the block's layers are quantized
-            stats = step(modules[block_name], block_name, {name: plan[name] for name in by_block[block_name]}, stats, family)
-        stages = block_pass.stages if recipe.calibration.true_sequential else [list(by_block[block_name])]
-        done: dict[str, QuantizedLinear] = {}
-        for stage in stages:
-            if done:  # recalibrate on the outputs of the stages quantized so far; keep notes such as "folded"
-                fresh = block_pass.stats(stage)
-                stats = {**stats, **{name: {**stats.get(name, {}), **fresh[name]} for name in fresh}}
-            done.update({name: quantize_layer(name, stats[name]) for name in stage})
-        if targets is not None:
-            result = tune_block(modules[block_name], block_pass.inputs, targets, recipe.block_tune)
-            for name in done:
-                layers[name]["block_tune"] = result
+    def run_calibrated(self, tokens: torch.Tensor, checkpoint: BlockCheckpoint | None) -> CalibrationRecord:
+        """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint``."""
+        recipe, modules, plan = self.recipe, self.modules, self.plan
+        blocks, by_block = _targets_by_block(self.model, modules, plan)
+        start_block = 0
         if checkpoint is not None:
-            checkpoint.save_block(index, done, {name: layers[name] for name in done}, _float_state(block_name, modules[block_name]))
+            start_block, records, saved = checkpoint.load(modules)
+            for name, qlinear in saved.items():
+                self.install(name, qlinear, records[name])
+        family, steps = family_of(getattr(self.model.config, "model_type", "unknown")), recipe.block_steps()
 
-    layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block, device)
-    if checkpoint is not None:
-        checkpoint.clear()
-    return {**recipe.calibration.model_dump(), "tokens": int(tokens.numel()), "resumed_at_block": start_block}
+        def quantize_block(index: int, block_name: str, stats: dict[str, dict], block_pass: BlockPass) -> None:
+            targets = None
+            if recipe.block_tune is not None:  # the float block's outputs, before any of its layers is quantized
+                targets = [out for out, _, _ in run_block(modules[block_name], block_pass.inputs)]
+            for step in steps:  # block-level transforms (scale migration) before the block's layers are quantized
+                stats = step(modules[block_name], block_name, {name: plan[name] for name in by_block[block_name]}, stats, family)
+            stages = block_pass.stages if recipe.calibration.true_sequential else [list(by_block[block_name])]
+            done: dict[str, QuantizedLinear] = {}
+            for stage in stages:
+                if done:  # recalibrate on the outputs of the stages quantized so far; keep notes such as "folded"
+                    fresh = block_pass.stats(stage)
+                    stats = {**stats, **{name: {**stats.get(name, {}), **fresh[name]} for name in fresh}}
+                done.update({name: self.quantize_layer(name, stats[name]) for name in stage})
+            if targets is not None:
+                result = BlockTuneResult(**tune_block(modules[block_name], block_pass.inputs, targets, recipe.block_tune))
+                for name in done:
+                    self.layers[name] = self.layers[name].model_copy(update={"block_tune": result})
+            if checkpoint is not None:
+                checkpoint.save_block(index, done, {name: self.layers[name] for name in done},
+                                      _float_state(block_name, modules[block_name]))
+
+        layer_sequential(self.model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block, self.device)
+        if checkpoint is not None:
+            checkpoint.clear()
+        return CalibrationRecord(**recipe.calibration.model_dump(), tokens=int(tokens.numel()), resumed_at_block=start_block)
 
 
 def _float_state(block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
@@ -211,7 +222,7 @@ def _targets_by_block(model: nn.Module, modules: dict, plan: dict) -> tuple[list
     return blocks, by_block
 
 
-def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor, device) -> tuple[dict, dict]:
+def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor, device) -> tuple[PlanRecord, dict]:
     """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer."""
     modules = dict(model.named_modules())
     blocks, by_block = _targets_by_block(model, modules, plan)
@@ -230,7 +241,7 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
                                   lorc_dtype=recipe.lorc_dtype, method=_planning_method(recipe),
                                   row_weights=row_weights, device=device)
     n_params = sum(w.numel() for w in weights.values())
-    return {"target_bpw": recipe.target_bpw, "target_mb": recipe.target_mb, **plan_summary(result, n_params)}, choices
+    return PlanRecord(target_bpw=recipe.target_bpw, target_mb=recipe.target_mb, **plan_summary(result, n_params)), choices
 
 
 def _planning_method(recipe: QuantRecipe):
@@ -260,11 +271,6 @@ def _calibration_tokens(model, recipe: QuantRecipe, tokenizer, calibration) -> t
     if n == 0:
         raise WeightwiseError(f"the calibration text has {ids.numel()} tokens, fewer than one sequence of {seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
-
-
-def quantization_record(model: nn.Module) -> dict | None:
-    """The record :func:`quantize` attached to a quantized model (None for a float model)."""
-    return getattr(model, RECORD_ATTRIBUTE, None)
 
 
 def _as_recipe(recipe) -> QuantRecipe:

@@ -28,7 +28,7 @@ from weightwise.formats.quantizer import (
     unpacked_codes,
 )
 from weightwise.quantize.calibration import CapturedBatch, run_block
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.qlinear import QuantizedLinear
 
 
 class BlockTuneConfig(BaseModel):

@@ -30,7 +30,7 @@ from torch import nn
 
 from weightwise.architectures import FAMILIES
 from weightwise.errors import WeightwiseError
-from weightwise.quantize.qlinear import dequantized_once
+from weightwise.qlinear import dequantized_once
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from weightwise.io.artifacts import write_bytes_atomic, write_json_atomic
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.qlinear import QuantizedLinear
+from weightwise.records import LayerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class BlockCheckpoint:
         digest.update(tokens.numpy().tobytes())
         self.key = digest.hexdigest()
 
-    def load(self, modules: dict[str, nn.Module]) -> tuple[int, dict[str, dict], dict[str, QuantizedLinear]]:
+    def load(self, modules: dict[str, nn.Module]) -> tuple[int, dict[str, LayerRecord], dict[str, QuantizedLinear]]:
         """(blocks done, layer records, rebuilt QuantizedLinear modules) from an earlier run with the same key."""
         progress = self.folder / _PROGRESS
         if not progress.is_file():
@@ -42,11 +43,12 @@ class BlockCheckpoint:
             logger.warning("ignoring %s: it belongs to another recipe, model or calibration set", self.folder)
             shutil.rmtree(self.folder)
             return 0, {}, {}
+        records = {name: LayerRecord.model_validate(record) for name, record in state["layers"].items()}
         rebuilt: dict[str, QuantizedLinear] = {}
         for block in range(state["blocks_done"]):
             saved = safetensors.torch.load_file(str(self.folder / f"block_{block:04d}.safetensors"))
             for name in state["blocks"][block]:
-                qlinear = QuantizedLinear.empty_like(modules[name], state["layers"][name])
+                qlinear = QuantizedLinear.empty_like(modules[name], records[name])
                 qlinear.load_state_dict({key.removeprefix(name + "."): value for key, value in saved.items()
                                          if key.startswith(name + ".")})
                 rebuilt[name] = qlinear
@@ -54,9 +56,9 @@ class BlockCheckpoint:
                 owner, _, attr = key.rpartition(".")
                 getattr(modules[owner], attr).data.copy_(saved[key])
         logger.info("resuming after block %d from %s", state["blocks_done"], self.folder)
-        return state["blocks_done"], state["layers"], rebuilt
+        return state["blocks_done"], records, rebuilt
 
-    def save_block(self, index: int, qlinears: dict[str, QuantizedLinear], records: dict[str, dict],
+    def save_block(self, index: int, qlinears: dict[str, QuantizedLinear], records: dict[str, LayerRecord],
                    float_state: dict[str, torch.Tensor] | None = None) -> None:
         """Record block ``index`` (its quantized layers, and ``float_state``: its other tensors by full name) as done."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,7 @@ class BlockCheckpoint:
         state["blocks"].append(list(qlinears))
         state["blocks_done"] = index + 1
         state.setdefault("float", {})[str(index)] = list(float_state or {})
-        state["layers"].update({name: records[name] for name in qlinears})
+        state["layers"].update({name: records[name].model_dump(mode="json") for name in qlinears})
         write_json_atomic(progress, state)
 
     def clear(self) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.formats.base import Granularity, QuantSpec
 from weightwise.formats.quantizer import dequantize, group_layout, quantize_tensor, storage_bits
-from weightwise.quantize.lowrank import low_rank_compensation
+from weightwise.formats.lowrank import low_rank_compensation
 from weightwise.quantize.methods.gptq import output_error
 from weightwise.quantize.planner import Candidate, Plan, budget_from_bpw, budget_from_mb, plan_mixed_precision
 

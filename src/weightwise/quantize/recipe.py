@@ -14,12 +14,14 @@ from weightwise.formats.base import Granularity, Pow2Scales, QuantSpec, ScaleDty
 from weightwise.formats.registry import get_format
 from weightwise.quantize.blocktune import BlockTuneConfig
 from weightwise.quantize.calibration import CalibrationConfig
-from weightwise.quantize.lowrank import FactorDtype
+from weightwise.formats.lowrank import FactorDtype
 from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
 from weightwise.quantize.planning import DEFAULT_CANDIDATES, PlanCandidate
 from weightwise.quantize.scaling import BlockStep, smoothquant_step
 
 RECIPE_VERSION = 1
+# Per-layer settings a size target leaves to the planner (it picks them from the candidates).
+_PLANNED_FIELDS = frozenset({"format", "group_size", "granularity", "scale_dtype", "lorc_rank"})
 
 
 class LayerOverride(BaseModel):
@@ -129,10 +131,14 @@ class QuantRecipe(BaseModel):
             raise ValueError("give target_bpw or target_mb, not both")
         if (self.target_bpw or self.target_mb) and self.overrides:
             raise ValueError("overrides and a size target conflict: the planner sets every layer's format")
+        fixed = sorted(_PLANNED_FIELDS & self.model_fields_set)
+        if (self.target_bpw or self.target_mb) and fixed:
+            raise ValueError(f"with a size target the planner picks each layer's format, grouping, scale dtype and LoRC rank "
+                             f"from `candidates`: drop {', '.join(fixed)} and list the settings to choose from as candidates")
         for override in self.overrides:
             if not override.skip:
                 self._merge(override)
-        check_spec = getattr(self.method, "check_spec", None)  # a method that handles only some formats (fpsearch)
+        check_spec = getattr(self.method, "check_spec", None)  # a method that handles only some specs (fpsearch, gptq)
         if check_spec is not None:
             if self.target_bpw is not None or self.target_mb is not None:
                 specs = [candidate.spec(self.pad, self.pow2_scales) for candidate in self.candidates]

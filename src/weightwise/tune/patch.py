@@ -39,12 +39,10 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
-    atomic_output_dir,
     file_sha256,
     read_manifest,
     state_dict_fingerprint,
     write_bytes_atomic,
-    write_manifest,
 )
 from weightwise.tune.indices import decode_indices, encode_indices
 
@@ -349,6 +347,7 @@ class WeightPatch:
         (kind ``patched-model``: source, its fingerprint, the patch's fingerprint, file hash and
         metadata, the scale, the result's fingerprint). Written atomically.
         """
+        from weightwise.io.folders import save
         from weightwise.io.models import load_model, model_source_info
 
         base, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -357,12 +356,9 @@ class WeightPatch:
         source = self.source or {}
         patch_record = {"fingerprint": self.fingerprint(), "path": source.get("path"), "sha256": source.get("sha256"),
                         "value_dtype": source.get("value_dtype"), "metadata": self.metadata}
-        with atomic_output_dir(out_dir) as tmp:
-            _write_model_folder(base, tokenizer, tmp)
-            write_bytes_atomic(tmp / UNDO_FILE, undo.to_bytes())
-            write_manifest(tmp, PATCHED_MODEL_KIND, name=out_dir.name, source=model_source_info(model),
-                           source_fingerprint=undo.model_fingerprint, patch=patch_record, scale=scale,
-                           forced=undo.model_fingerprint != self.base_model_hash, fingerprint=state_dict_fingerprint(base))
+        save(base, out_dir, tokenizer=tokenizer, kind=PATCHED_MODEL_KIND, files={UNDO_FILE: undo.to_bytes()},
+             source=model_source_info(model), source_fingerprint=undo.model_fingerprint, patch=patch_record, scale=scale,
+             forced=undo.model_fingerprint != self.base_model_hash, fingerprint=state_dict_fingerprint(base))
         logger.info("wrote %s (patch %s × %g)", out_dir, patch_record["fingerprint"][:12], scale)
         return out_dir
 
@@ -371,6 +367,7 @@ class WeightPatch:
 
         The restored weights are checked against the fingerprint recorded before the patch was applied.
         """
+        from weightwise.io.folders import save
         from weightwise.io.models import load_model, model_source_info
 
         folder, out_dir = Path(folder), Path(out_dir)
@@ -388,10 +385,8 @@ class WeightPatch:
         if restored != manifest["source_fingerprint"]:
             raise WeightwiseError(f"the weights of '{folder}' were changed after patching: removal does not give back the "
                                   "original model; re-create it from the base model instead")
-        with atomic_output_dir(out_dir) as tmp:
-            _write_model_folder(model, tokenizer, tmp)
-            write_manifest(tmp, "model", name=out_dir.name, source=model_source_info(folder), fingerprint=restored,
-                           removed_patch=manifest["patch"]["fingerprint"])
+        save(model, out_dir, tokenizer=tokenizer, source=model_source_info(folder), fingerprint=restored,
+             removed_patch=manifest["patch"]["fingerprint"])
         return out_dir
 
 
@@ -449,16 +444,6 @@ def _header(data: bytes) -> dict:
     """The JSON header of safetensors bytes (call after safetensors has validated them)."""
     n = int.from_bytes(data[:8], "little")
     return json.loads(data[8:8 + n])
-
-
-def _write_model_folder(model: nn.Module, tokenizer, folder: Path) -> None:
-    """model.safetensors (tied tensors once), config.json without a loader's quantization_config, tokenizer."""
-    safetensors.torch.save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # a GGUF-loaded model's; the weights written here are dense
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
 
 
 def patch_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Annotated, ClassVar, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from weightwise.errors import WeightwiseError
 from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.quantizer import compute_scales, to_groups
 from weightwise.quantize.methods.awq import clip_summary, search_clip, search_scales
@@ -30,6 +31,10 @@ class RTNConfig(BaseModel):
     needs_calibration: ClassVar[bool] = False
 
     name: Literal["rtn"] = "rtn"
+
+
+_CLIP_RATIO = ("GPTQ clip_search is not supported with pow2_scales 'ratio' (a group's scale is its row scale times a "
+               "power of two, which the clip search cannot shrink freely): turn clip_search off or use pow2_scales 'none' or 'all'")
 
 
 class GPTQConfig(BaseModel):
@@ -57,6 +62,11 @@ class GPTQConfig(BaseModel):
         if self.refit_rounds and not self.refit_scales:
             raise ValueError("refit_rounds alternates GPTQ with least-squares scales: set refit_scales: true as well")
         return self
+
+    def check_spec(self, spec: QuantSpec) -> None:
+        """clip_search shrinks each group's own scale, which pow2_scales 'ratio' ties to its row's: refuse the pair."""
+        if self.clip_search and spec.pow2_scales == "ratio":
+            raise ValueError(_CLIP_RATIO)
 
 
 class FPSearchConfig(BaseModel):
@@ -125,7 +135,9 @@ def _rtn(config: RTNConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict |
 
 def _gptq(config: GPTQConfig, weight: torch.Tensor, spec: QuantSpec, stats: dict | None) -> tuple[QuantizedTensor, dict]:
     hessian, initial, diagnostics = stats["hessian"], None, {}
-    if config.clip_search and spec.pow2_scales != "ratio":
+    if config.clip_search and spec.pow2_scales == "ratio":
+        raise WeightwiseError(_CLIP_RATIO)
+    if config.clip_search:
         clipped, ratios = search_clip(weight, hessian, spec, config.clip_grid, config.max_shrink)
         initial = compute_scales(to_groups(clipped, spec), spec.number_format, spec.resolved_scale_dtype, spec.pow2_scales)
         diagnostics["clip"] = clip_summary(ratios)

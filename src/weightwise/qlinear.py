@@ -19,7 +19,8 @@ from torch import nn
 from weightwise.formats.activations import activation_spec, fake_quantize_activations
 from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.quantizer import dequantize, stored_layout
-from weightwise.quantize.lowrank import FactorDtype, LowRankFactors
+from weightwise.formats.lowrank import FactorDtype, LowRankFactors
+from weightwise.records import LayerRecord
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(QuantizedTensor) if f.name not in ("shape", "spec"))
 
@@ -72,11 +73,11 @@ class QuantizedLinear(nn.Module):
         return module
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, record: dict) -> "QuantizedLinear":
-        """An unfilled module for ``linear`` shaped by its manifest ``record`` (spec, optional lorc and act_format), for loading."""
-        lorc = record.get("lorc")
-        return cls(linear.in_features, linear.out_features, QuantSpec(**record["spec"]), bias=linear.bias is not None,
-                   lowrank=None if lorc is None else (lorc["rank"], lorc["dtype"]), act_format=record.get("act_format"))
+    def empty_like(cls, linear: nn.Linear, record: LayerRecord) -> "QuantizedLinear":
+        """An unfilled module for ``linear`` shaped by its ``record`` (spec, optional LoRC and act_format), for loading."""
+        lorc = record.lorc
+        return cls(linear.in_features, linear.out_features, record.spec, bias=linear.bias is not None,
+                   lowrank=None if lorc is None else (lorc.rank, lorc.dtype), act_format=record.act_format)
 
     def quantized_tensor(self) -> QuantizedTensor:
         tensors = {name: getattr(self, name) for name in _TENSOR_FIELDS}

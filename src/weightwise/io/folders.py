@@ -1,52 +1,63 @@
-"""Save and load models as run folders: model.safetensors + config.json + tokenizer + manifest.json.
+"""The one writer and reader of weightwise model folders: model.safetensors + config.json + tokenizer + manifest.json.
 
-A quantized model's safetensors hold the packed codes, scales and offsets of each QuantizedLinear;
-the manifest holds each layer's spec, so loading rebuilds the same modules and the round trip is exact.
+A quantized model's safetensors hold the packed codes, scales and offsets of each QuantizedLinear and its
+manifest the :class:`~weightwise.records.QuantizationRecord`, so loading rebuilds the same modules and the
+round trip is exact. Quantized runs, merged patches and dense exports all go through :func:`save`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from weightwise.errors import WeightwiseError
-from weightwise.io.artifacts import QUANTIZED_MODEL_KIND, atomic_output_dir, read_manifest, write_manifest
-from weightwise.quantize.api import RECORD_ATTRIBUTE, quantization_record
-from weightwise.quantize.qlinear import QuantizedLinear
+from weightwise.io.artifacts import QUANTIZED_MODEL_KIND, atomic_output_dir, read_manifest, write_bytes_atomic, write_manifest
+from weightwise.qlinear import QuantizedLinear
+from weightwise.records import QuantizationRecord, attach_record, quantization_record
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save(model: nn.Module, path: str | Path, *, tokenizer=None, metrics: dict | None = None, name: str | None = None, source: dict | None = None) -> Path:
-    """Write ``model`` (quantized or float) to the folder ``path`` atomically; returns the path."""
+def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, kind: str | None = None,
+               files: dict[str, bytes] | None = None, **manifest: Any) -> Path:
+    """Write ``model`` (quantized or float) to the folder ``path`` atomically; returns the path.
+
+    ``kind`` names the manifest kind (default: quantized-model when the model carries a quantization record,
+    else model); ``files`` are extra files (name → bytes) written beside the weights; ``manifest`` fields
+    (name, source, metrics, ...) go into manifest.json next to the quantization record.
+    """
     path = Path(path)
     record = quantization_record(model)
     with atomic_output_dir(path) as tmp:
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["architectures"] = [type(model).__name__]  # tells load_quantized a base model (BertModel) from an LM
+        config.pop("quantization_config", None)  # a GGUF-loaded model's; what is written here is weightwise's own
+        config["architectures"] = [type(model).__name__]  # tells a base model (BertModel) from an LM when loading
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        fields = dict(name=name or path.name, source=source, metrics=metrics or {})
+        for name, data in (files or {}).items():
+            write_bytes_atomic(tmp / name, data)
+        fields = {"name": path.name, **manifest}
         if record is not None:
-            write_manifest(tmp, QUANTIZED_MODEL_KIND, **record, **fields)
-        else:
-            write_manifest(tmp, "model", **fields)
+            fields.update(record.model_dump(mode="json"))
+        write_manifest(tmp, kind or (QUANTIZED_MODEL_KIND if record is not None else "model"), **fields)
     logger.info("saved %s", path)
     return path
 
 
-def load_quantized(path: str | Path):
+def load_quantized(path: str | os.PathLike):
     """Rebuild a quantized model saved by :func:`save`; returns (model, tokenizer or None)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -54,19 +65,19 @@ def load_quantized(path: str | Path):
     manifest = read_manifest(path)
     if manifest.get("kind") != QUANTIZED_MODEL_KIND:
         raise WeightwiseError(f"{path} is not a weightwise quantized model (manifest kind {manifest.get('kind')!r})")
+    record = _record_of(path, manifest)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightwiseError(f"{weights} is missing; the run folder is incomplete: re-run the quantization")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     model = _auto_class(config).from_config(config, dtype=torch.float32)
     modules = dict(model.named_modules())
-    for name, layer in manifest["layers"].items():
+    for name, layer in record.layers.items():
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise WeightwiseError(f"{path}: manifest names layer {name}, which the model config does not have")
-        qlinear = QuantizedLinear.empty_like(linear, layer)
         parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, qlinear)
+        setattr(modules[parent] if parent else model, child, QuantizedLinear.empty_like(linear, layer))
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     except (safetensors.SafetensorError, OSError) as err:
@@ -76,11 +87,22 @@ def load_quantized(path: str | Path):
         raise WeightwiseError(f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     model.eval()
-    setattr(model, RECORD_ATTRIBUTE, {k: manifest[k] for k in ("recipe", "layers", "source_fingerprint", "timings") if k in manifest})
+    attach_record(model, record)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer
+
+
+def _record_of(path: Path, manifest: dict) -> QuantizationRecord:
+    """The manifest's quantization record, with a clear error for a damaged or outdated manifest."""
+    try:
+        return QuantizationRecord.model_validate({k: manifest[k] for k in QuantizationRecord.model_fields if k in manifest})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise WeightwiseError(f"{path}/manifest.json has an invalid quantization record ({where}: {first['msg']}); "
+                              "it was written by another weightwise version or damaged: re-run the quantization") from None
 
 
 def _auto_class(config):
