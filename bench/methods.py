@@ -1,4 +1,4 @@
-"""Benchmark: calibrated methods and mixed precision on the default SmolLM2 (issue 3's targets).
+"""Benchmark: calibrated methods and mixed precision on the default SmolLM2 (the calibrated-quantization targets).
 
 Each named recipe is quantized and evaluated against the fp32 source in one harness (perplexity, KL,
 top-1 agreement on the pydoc eval split). Rows are appended to the JSON as soon as they are measured,

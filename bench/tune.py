@@ -1,4 +1,4 @@
-"""Benchmark: LIFT vs full fine-tuning vs LoRA vs magnitude and random sparse masks (issue 4's targets).
+"""Benchmark: LIFT vs full fine-tuning vs LoRA vs magnitude and random sparse masks (the fine-tuning targets).
 
 Every method fine-tunes the default SmolLM2 on the same arithmetic examples, for the same steps, with the
 same seed, through `weightwise tune` in its own process (so that each peak RSS is its own). The sparse

@@ -147,7 +147,7 @@ def test_end_to_end_on_the_default_model(capsys, monkeypatch, tmp_path, default_
     code, out, err = run_cli(capsys, monkeypatch, "eval", run, "--reference", "default", "--max-tokens", "1024", "-o", report)
     assert code == 0, err
     (row,) = json.loads((report / "metrics.json").read_text())["runs"]
-    assert row["n_tokens_scored"] == 2 * 511 and row["format"] == "int4"
+    assert row["n_tokens_scored"] == 2 * 511 and row["format"] == "int4 g64"
     assert row["bits_per_weight"] == pytest.approx(4.25)
     assert row["reference_ppl"] < row["ppl"] < 3 * row["reference_ppl"]
     assert 0 < row["kl_mean"] < 1 and 0.5 < row["top1_agreement"] < 1

@@ -15,6 +15,7 @@ _API = {
     "WeightwiseError": "weightwise.errors",
     "corpus": "weightwise.data.corpora",
     "evaluate": "weightwise.evaluate",
+    "export": "weightwise.export",
     "get_format": "weightwise.formats.registry",
     "load_model": "weightwise.io.models",
     "quantize": "weightwise.quantize.api",

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.config import EvalConfig
+from weightwise.export.gguf import GGUFExportConfig
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.recipe import QuantRecipe, recipe_from_yaml, validated, validation_message
 from weightwise.tune.config import TuneConfig
@@ -401,6 +402,58 @@ def _print_tune_summary(output: Path, metrics: dict) -> None:
     summary.add_row("retention ppl", pair("retention", "ppl", ".3f"))
     summary.add_row("files", ", ".join(metrics["files"]))
     Console().print(summary)
+
+
+_G = GGUFExportConfig.model_fields
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="File (gguf) or folder (compressed-tensors, hf) to write.")] = ...,
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp), compressed-tensors (transformers, vLLM) or hf (dense safetensors).")] = "gguf",
+    gguf_type: Annotated[Optional[str], typer.Option("--type", help=_G["type"].description)] = None,
+    fallback: Annotated[Optional[str], typer.Option("--fallback", help=_G["fallback"].description)] = None,
+    embeddings: Annotated[Optional[str], typer.Option("--embeddings", help=_G["embeddings"].description)] = None,
+    tokenizer_pre: Annotated[Optional[str], typer.Option("--tokenizer-pre", help=_G["tokenizer_pre"].description)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16: the weights of an hf export, the unquantized tensors of a compressed-tensors export.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Write MODEL (a quantized run, a model folder, a .gguf file or 'default') for another runtime.
+
+    GGUF files carry each quantized layer's own codes and scales in its exact GGUF type (see README's mapping
+    table), are read back after writing and compared with weightwise's weights tensor by tensor.
+    """
+    from weightwise.export import TARGETS, export_source
+
+    if to not in TARGETS:
+        raise WeightwiseError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise WeightwiseError(f"--dtype {dtype}: choose fp32, fp16 or bf16")
+    options = _given(type=gguf_type, fallback=fallback, embeddings=embeddings, tokenizer_pre=tokenizer_pre)
+    if options and to != "gguf":
+        raise WeightwiseError(f"{', '.join('--' + k.replace('_', '-') for k in options)} apply to --to gguf only")
+    gguf_config = validated(GGUFExportConfig, options) if to == "gguf" else None
+    with console.status(f"exporting {model} to {to}"):
+        report = export_source(model, to, output, gguf=gguf_config, dtype=dtype, overwrite=overwrite,
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if to == "gguf":
+        table = Table(title=f"{output}: {report['file_bytes'] / 1e6:.1f} MB, {report['arch']}")
+        for column in ("how", "GGUF type", "tensors", "max |diff|"):
+            table.add_column(column, justify="left" if column in ("how", "GGUF type") else "right")
+        groups: dict[tuple[str, str], list[float]] = {}
+        for tensor in report["tensors"]:
+            groups.setdefault((tensor["how"], tensor["type"]), []).append(tensor["max_abs_diff"])
+        for (how, kind), diffs in sorted(groups.items()):
+            table.add_row(how, kind, str(len(diffs)), f"{max(diffs):.3g}")
+        Console().print(table)
+        console.print(f"run it: llama-cli -m {output} -p 'Hello'   (or llama_cpp.Llama('{output}') in Python)")
+    else:
+        for warning in report.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"wrote [bold]{output}[/]")
 
 
 patch_app = typer.Typer(help="Sparse weight patches: apply to a model, remove, compose, inspect.", no_args_is_help=True)

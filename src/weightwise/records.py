@@ -140,3 +140,9 @@ def quantization_record(model: nn.Module) -> QuantizationRecord | None:
 def attach_record(model: nn.Module, record: QuantizationRecord) -> None:
     """Attach ``record`` to ``model`` (the one place that sets it)."""
     setattr(model, RECORD_ATTRIBUTE, record)
+
+
+def drop_record(model: nn.Module) -> None:
+    """Remove the record from ``model`` (a dense copy of a quantized model is no longer that run)."""
+    if hasattr(model, RECORD_ATTRIBUTE):
+        delattr(model, RECORD_ATTRIBUTE)

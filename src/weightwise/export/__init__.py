@@ -1,1 +1,69 @@
-"""Exporters: weightwise quantized tensors in other runtimes' storage formats, bit for bit."""
+"""Exporters: GGUF for llama.cpp, compressed-tensors for transformers/vLLM, dense Hugging Face folders.
+
+:func:`export` writes a loaded model; :func:`export_source` loads anything :func:`weightwise.load_model` takes
+(and finds a GGUF source's tokenizer metadata) first. Both return the exporter's report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from weightwise.errors import WeightwiseError
+from weightwise.export.gguf import GGUFExportConfig, GGUFExportReport, export_gguf
+from weightwise.export.hf import TORCH_DTYPES, DenseDtype, export_hf
+from weightwise.io.artifacts import MANIFEST_NAME, atomic_output_dir, read_manifest
+
+ExportTarget = Literal["gguf", "compressed-tensors", "hf"]
+TARGETS: tuple[str, ...] = ("gguf", "compressed-tensors", "hf")
+
+
+def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLike, *,
+           gguf: GGUFExportConfig | None = None, dtype: DenseDtype = "fp32", tokenizer_gguf: str | os.PathLike | None = None,
+           overwrite: bool = False) -> dict:
+    """Write ``model`` to ``path`` for the runtime ``to`` names; returns the exporter's report as a dict.
+
+    ``gguf``: the GGUF options (type, fallback, embeddings); ``dtype``: the float dtype of a dense (hf) export and
+    of a compressed-tensors export's unquantized tensors; ``tokenizer_gguf``: a GGUF file whose tokenizer is copied.
+    """
+    path = Path(path)
+    if to == "gguf":
+        report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
+        return report.model_dump()
+    if to == "hf":
+        export_hf(model, tokenizer, path, dtype, overwrite=overwrite)
+        return {"path": str(path), "dtype": dtype}
+    if to == "compressed-tensors":
+        from weightwise.export.compressed_tensors import write_compressed_tensors
+
+        if path.exists() and not overwrite:
+            raise WeightwiseError(f"'{path}' exists; allow overwriting it or choose another output path")
+        with atomic_output_dir(path) as tmp:
+            return {"path": str(path), **write_compressed_tensors(model, tokenizer, tmp, TORCH_DTYPES[dtype])}
+    raise WeightwiseError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
+
+
+def export_source(source: str | os.PathLike, to: ExportTarget, path: str | os.PathLike, *, allow_pickle: bool = False,
+                  trust_remote_code: bool = False, **options) -> dict:
+    """Load ``source`` (a run folder, a model folder, a .gguf file, "default", …) and :func:`export` it."""
+    from weightwise.io.models import load_model
+
+    model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return export(model, tokenizer, to, path, tokenizer_gguf=gguf_tokenizer_source(source), **options)
+
+
+def gguf_tokenizer_source(source: str | os.PathLike) -> Path | None:
+    """The GGUF file a model came from (a .gguf source, "default", or a run whose manifest names one), whose
+    tokenizer metadata an export copies unchanged; None when the model did not come from GGUF."""
+    from weightwise.io.models import model_source_info
+
+    path = Path(source)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        origin = read_manifest(path).get("source") or {}
+        found = Path(origin["path"]) if origin.get("kind") == "gguf" and origin.get("path") else None
+        return found if found is not None and found.is_file() else None
+    info = model_source_info(source)
+    return Path(info["path"]) if info["kind"] == "gguf" else None

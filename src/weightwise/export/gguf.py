@@ -1,0 +1,343 @@
+"""Write a weightwise model (quantized, tuned or float) as a GGUF file that llama.cpp runs, then verify it.
+
+Quantized layers are packed from their stored codes and scales (``gguf_types``), never re-quantized; a layer
+with no exact GGUF type is an error naming it unless a fallback type is chosen, whose added error is reported.
+Tensor names come from gguf-py's per-architecture name map; llama-family Q/K rows are permuted as llama.cpp
+expects (codes, scales and offsets together). After writing, the file is read back with gguf-py and every
+tensor is compared with weightwise's own weight: exact mappings must differ by 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from weightwise.errors import WeightwiseError
+from weightwise.export.gguf_types import (
+    InexactGGUFError,
+    llama_qk_row_order,
+    pack_gguf,
+    permute_qk_for_gguf,
+    why_not_exact,
+)
+from weightwise.formats.base import QuantSpec
+from weightwise.formats.quantizer import quantize_tensor
+from weightwise.io.artifacts import environment_versions, state_dict_fingerprint, write_json_atomic
+from weightwise.qlinear import QuantizedLinear
+from weightwise.records import quantization_record
+
+logger = logging.getLogger(__name__)
+
+GGUFType = Literal["auto", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "mxfp4", "f16", "bf16", "f32"]
+FloatType = Literal["f16", "bf16", "f32"]
+_GGML = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
+         "q5_1": GGMLQuantizationType.Q5_1, "q8_0": GGMLQuantizationType.Q8_0, "iq4_nl": GGMLQuantizationType.IQ4_NL,
+         "mxfp4": GGMLQuantizationType.MXFP4, "f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
+         "f32": GGMLQuantizationType.F32}
+# The weightwise spec whose round-to-nearest is each block type's own rule: a float layer exported to that type.
+NATIVE_SPECS = {
+    "q4_0": QuantSpec(format="int4", group_size=32, scale_dtype="fp16"),
+    "q4_1": QuantSpec(format="int4_asym", group_size=32, scale_dtype="fp16"),
+    "q5_0": QuantSpec(format="int5", group_size=32, scale_dtype="fp16"),
+    "q5_1": QuantSpec(format="int5_asym", group_size=32, scale_dtype="fp16"),
+    "q8_0": QuantSpec(format="int8", group_size=32, scale_dtype="fp16"),
+    "iq4_nl": QuantSpec(format="iq4_nl", group_size=32, scale_dtype="fp16"),
+    "mxfp4": QuantSpec(format="mxfp4"),
+}
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """How one transformers model family becomes a llama.cpp architecture."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool  # llama.cpp's llama graph uses interleaved rotary halves: Q/K rows are permuted on conversion
+
+
+GGUF_FAMILIES: dict[str, GGUFFamily] = {
+    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp runs Mistral as llama
+    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+}
+
+
+class GGUFExportConfig(BaseModel):
+    """How a model becomes a GGUF file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: GGUFType = Field("auto", description="GGUF type of the linear layers: auto (each quantized layer's exact type; "
+                           "float layers stay f32), a block type (quantized layers must map to it exactly; float layers are "
+                           "quantized to it by its own rule) or a float type (dequantized weights).")
+    fallback: Literal["q8_0", "f16", "f32"] | None = Field(
+        None, description="Type for the layers that have no exact GGUF type (nf4, fp8, LoRC, groups not a multiple of "
+        "32, ...): they are re-quantized to it and the error it adds is reported. Default: such layers are an error.")
+    embeddings: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="Type of the token embeddings and an untied output matrix (kept in float by weightwise).")
+    tokenizer_pre: str = Field("default", description="llama.cpp pre-tokenizer name, for a tokenizer written from Hugging "
+                               "Face files (a GGUF source's own tokenizer metadata is copied as it is).")
+
+
+class GGUFTensorReport(BaseModel):
+    """One tensor of the written file and how close it is to weightwise's weight."""
+
+    name: str
+    gguf_name: str
+    type: str
+    how: Literal["exact", "fallback", "requantized", "converted"]
+    max_abs_diff: float
+
+
+class GGUFExportReport(BaseModel):
+    path: str
+    file_bytes: int
+    arch: str
+    tensors: list[GGUFTensorReport]
+    fallback_layers: list[str]
+    source_fingerprint: str
+
+    @property
+    def exact_layers(self) -> int:
+        return sum(t.how == "exact" for t in self.tensors)
+
+
+@dataclass
+class _Tensor:
+    """A tensor on its way into the file: GGUF-domain data plus what it must read back as (HF row order)."""
+
+    name: str
+    gguf_name: str
+    data: np.ndarray
+    ggml_type: GGMLQuantizationType
+    expected: torch.Tensor  # float32, HF layout
+    how: str
+    row_order: torch.Tensor | None  # rows as written = expected[row_order]
+
+
+def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GGUFExportConfig | None = None, *,
+                tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> GGUFExportReport:
+    """Write ``model`` to ``path`` as GGUF, read it back and compare; returns the per-tensor report.
+
+    ``tokenizer_gguf``: a GGUF file whose tokenizer metadata is copied (the model's source); otherwise the
+    tokenizer is written from ``tokenizer``'s Hugging Face files with gguf-py's vocab tools.
+    """
+    config = config or GGUFExportConfig()
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WeightwiseError(f"'{path}' exists; allow overwriting it or choose another output path")
+    model_type = getattr(model.config, "model_type", "unknown")
+    family = GGUF_FAMILIES.get(model_type)
+    if family is None:
+        raise WeightwiseError(f"architecture '{model_type}' has no GGUF exporter (supported: {', '.join(sorted(GGUF_FAMILIES))}); "
+                              "export it with --to hf or --to compressed-tensors instead")
+    tensors, fallback_layers = _plan_tensors(model, family, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
+        report_tensors = _verify(tmp, tensors)
+        fingerprint = (quantization_record(model).source_fingerprint if quantization_record(model) else state_dict_fingerprint(model))
+        report = GGUFExportReport(path=str(path), file_bytes=tmp.stat().st_size, arch=family.arch.name.lower(),
+                                  tensors=report_tensors, fallback_layers=fallback_layers, source_fingerprint=fingerprint)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    write_json_atomic(path.with_name(path.name + ".json"), {
+        "kind": "gguf-export", "config": config.model_dump(), "versions": environment_versions(),
+        "recipe": quantization_record(model).recipe if quantization_record(model) else None,
+        **report.model_dump(),
+    })
+    logger.info("wrote %s (%d tensors, %d exact)", path, len(report.tensors), report.exact_layers)
+    return report
+
+
+def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig) -> tuple[list[_Tensor], list[str]]:
+    """Every tensor of the model with its GGUF name, type and data; the layers that needed the fallback."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(family.arch, cfg.num_hidden_layers)
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+    sources: dict[str, QuantizedLinear | torch.Tensor] = {
+        f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    sources.update({name: param.detach() for name, param in model.named_parameters()})  # tied lm_head appears once
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    tensors, inexact, fallback_layers = [], {}, []
+    for name, source in sources.items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise WeightwiseError(f"tensor '{name}' has no GGUF name for architecture {family.arch.name.lower()}; "
+                                  "this model layout is not supported by the GGUF exporter")
+        projection = name.rsplit(".", 2)[-2]
+        order = None
+        if family.permute_qk and projection in heads:
+            rows = source.out_features if isinstance(source, QuantizedLinear) else source.shape[0]
+            order = llama_qk_row_order(rows, heads[projection])
+        if isinstance(source, QuantizedLinear):
+            tensor, reason = _quantized_tensor(name, gguf_name, source, order, config, heads.get(projection))
+            if reason is not None:
+                if config.fallback is None:
+                    inexact.setdefault(reason, []).append(name.removesuffix(".weight"))
+                    continue
+                fallback_layers.append(name)
+                tensor = _float_tensor(name, gguf_name, source.dequantized_weight().detach(), config.fallback, order, "fallback")
+        elif source.ndim == 1:
+            tensor = _float_tensor(name, gguf_name, source, "f32", order, "converted")
+        elif name in embeddings:
+            tensor = _float_tensor(name, gguf_name, source, config.embeddings, order, "converted")
+        else:  # a float linear layer
+            kind = "f32" if config.type == "auto" else config.type
+            tensor = _float_tensor(name, gguf_name, source, kind, order, "converted" if kind in ("f16", "bf16", "f32") else "requantized")
+        tensors.append(tensor)
+    if inexact:
+        layers = [name for group in inexact.values() for name in group]
+        why = "; ".join(f"{reason}: {', '.join(group[:3])}{' …' if len(group) > 3 else ''}" for reason, group in inexact.items())
+        raise WeightwiseError(f"{len(layers)} layers have no exact GGUF type{'' if config.type == 'auto' else ' ' + config.type} "
+                              f"({why}); choose a fallback type (q8_0, f16 or f32) to re-quantize just them and see the "
+                              "error it adds, or quantize with a format that has an exact type")
+    return tensors, fallback_layers
+
+
+def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, config: GGUFExportConfig,
+                      heads: int | None) -> tuple[_Tensor | None, str | None]:
+    """The layer's codes and scales packed into their exact GGUF type, or (None, why not)."""
+    if layer.lowrank is not None:
+        return None, f"LoRC rank {layer.lowrank[0]} factors"
+    if layer.act_format is not None:
+        return None, f"activation format {layer.act_format}"
+    if config.type in ("f16", "bf16", "f32"):
+        how = "exact" if config.type == "f32" else "converted"
+        return _float_tensor(name, gguf_name, layer.dequantized_weight().detach(), config.type, order, how), None
+    reason = why_not_exact(layer.spec, (layer.out_features, layer.in_features))
+    if reason is not None:
+        return None, reason
+    qt = layer.quantized_tensor()
+    if order is not None:
+        qt = permute_qk_for_gguf(qt, heads)
+    try:
+        ggml_type, blocks = pack_gguf(qt)
+    except InexactGGUFError as err:
+        return None, str(err)
+    if config.type != "auto" and ggml_type != _GGML[config.type]:
+        return None, f"{layer.spec.format} maps to {ggml_type.name}"
+    return _Tensor(name, gguf_name, blocks, ggml_type, layer.dequantized_weight().detach(), "exact", order), None
+
+
+def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, order, how: str) -> _Tensor:
+    """A float tensor stored as ``kind``: a float type as it is, a block type by the type's own rounding rule."""
+    weight = weight.detach().to(torch.float32).cpu()
+    permuted = weight if order is None else weight[order]
+    ggml_type = _GGML[kind]
+    if kind in NATIVE_SPECS and weight.ndim == 2:
+        if kind == "q8_0" and how != "requantized":  # embeddings and fallbacks: llama.cpp's own Q8_0 rounding
+            data = gguf.quants.quantize(permuted.numpy(), ggml_type)
+        else:
+            ggml_type, data = pack_gguf(quantize_tensor(permuted, NATIVE_SPECS[kind], name))
+    else:
+        data = gguf.quants.quantize(permuted.numpy(), ggml_type)
+    return _Tensor(name, gguf_name, data, ggml_type, weight, how, order)
+
+
+def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], family: GGUFFamily, tokenizer_gguf,
+           config: GGUFExportConfig) -> None:
+    cfg = model.config
+    writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise WeightwiseError(f"rope scaling '{rope['rope_type']}' is not supported by the GGUF exporter yet")
+    writer.add_name(getattr(cfg, "name_or_path", "") or "weightwise model")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    record = quantization_record(model)
+    writer.add_string("weightwise.version", environment_versions()["weightwise"] or "unknown")
+    writer.add_string("weightwise.source_fingerprint", record.source_fingerprint if record else state_dict_fingerprint(model))
+    if record is not None:
+        writer.add_string("weightwise.recipe", json.dumps(record.recipe, sort_keys=True))
+        writer.add_string("weightwise.formats", record.format_label)
+    if tokenizer_gguf is not None:
+        _copy_tokenizer(writer, Path(tokenizer_gguf))
+    elif tokenizer is not None:
+        _write_hf_tokenizer(writer, tokenizer, config.tokenizer_pre)
+    else:
+        raise WeightwiseError("the model has no tokenizer: llama.cpp needs one in the GGUF file; save it with the model")
+    for tensor in tensors:
+        writer.add_tensor(tensor.gguf_name, tensor.data, raw_dtype=tensor.ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
+    """Copy every tokenizer.* key of the source GGUF file unchanged."""
+    reader = GGUFReader(source)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+
+
+def _write_hf_tokenizer(writer: GGUFWriter, tokenizer, pre: str) -> None:
+    """A GPT-2-style BPE tokenizer from Hugging Face files, through gguf-py's vocab tools."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        try:
+            vocab = gguf.vocab.BpeVocab(Path(folder))
+        except (FileNotFoundError, ValueError) as err:
+            raise WeightwiseError(f"the tokenizer is not a byte-level BPE tokenizer that the GGUF exporter can write ({err}); "
+                                  "export from the model's GGUF source instead") from None
+        tokens, types = [], []
+        for text, _, token_type in vocab.all_tokens():
+            tokens.append(text)
+            types.append(token_type)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def _verify(path: Path, tensors: list[_Tensor]) -> list[GGUFTensorReport]:
+    """Read the file back with gguf-py and compare every tensor (permutation undone) with what it stands for."""
+    reader = GGUFReader(path)
+    stored = {t.name: t for t in reader.tensors}
+    reports = []
+    for tensor in tensors:
+        read = stored[tensor.gguf_name]
+        values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32, copy=True))
+        values = values.reshape(tensor.expected.shape)
+        if tensor.row_order is not None:
+            values = values[torch.argsort(tensor.row_order)]
+        diff = float((values - tensor.expected).abs().max()) if values.numel() else 0.0
+        if tensor.how == "exact" and diff != 0:
+            raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized layer "
+                                  f"by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
+        reports.append(GGUFTensorReport(name=tensor.name, gguf_name=tensor.gguf_name, type=read.tensor_type.name,
+                                        how=tensor.how, max_abs_diff=diff))
+    return reports

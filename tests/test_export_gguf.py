@@ -1,0 +1,181 @@
+"""GGUF export: exact packing read back by gguf-py, transformers and (when installed) llama.cpp; errors and atomicity."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from conftest import tiny_model
+from weightwise.errors import WeightwiseError
+from weightwise.export import export
+from weightwise.export.gguf import GGUFExportConfig, export_gguf
+from weightwise.quantize import quantize
+
+EXACT_RECIPES = {
+    "Q4_0": {"format": "int4", "group_size": 32},
+    "Q4_1": {"format": "int4_asym", "group_size": 64},
+    "Q5_0": {"format": "int5", "group_size": 32},
+    "Q5_1": {"format": "int5_asym", "group_size": 32},
+    "Q8_0": {"format": "int8", "granularity": "channel"},
+    "IQ4_NL": {"format": "iq4_nl", "group_size": 32},
+    "MXFP4": {"format": "mxfp4"},
+}
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (256 byte symbols, two merges, one special token) built offline."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"he": len(vocab), "ll": len(vocab) + 1, "<|endoftext|>": len(vocab) + 2})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+TOKENIZER = bpe_tokenizer()
+
+
+def llama(**overrides):
+    return tiny_model(vocab_size=len(TOKENIZER), intermediate_size=128, **overrides)
+
+
+def qwen2():
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("ggml_type", list(EXACT_RECIPES))
+def test_every_quantized_layer_is_stored_exactly(tmp_path, ggml_type):
+    qmodel = quantize(llama(), EXACT_RECIPES[ggml_type])
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf")
+    linears = [t for t in report.tensors if t.how == "exact"]
+    assert len(linears) == 14 and {t.type for t in linears} == {ggml_type}
+    assert all(t.max_abs_diff == 0 for t in linears)
+    assert {t.type for t in report.tensors if t.how == "converted"} == {"F32", "F16"}  # norms; embeddings (f16 default)
+    sidecar = json.loads((tmp_path / "m.gguf.json").read_text())
+    assert sidecar["recipe"]["format"] == EXACT_RECIPES[ggml_type]["format"] and sidecar["versions"]["gguf"]
+
+
+def test_transformers_reads_the_file_back_to_the_same_model(tmp_path):
+    """transformers' GGUF loader undoes llama.cpp's Q/K permutation: same logits means rows and scales moved together."""
+    qmodel = quantize(llama(), {"format": "int4_asym", "group_size": 32})
+    export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="f32"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, qmodel(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_biases_and_untied_output_are_exported(tmp_path):
+    qmodel = quantize(qwen2(), {"format": "int4", "group_size": 32})
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "q.gguf", GGUFExportConfig(embeddings="q8_0"))
+    names = {t.gguf_name: t for t in report.tensors}
+    assert "blk.0.attn_q.bias" in names and names["output.weight"].type == "Q8_0"
+    assert all(t.max_abs_diff == 0 for t in report.tensors if t.how == "exact")
+    assert names["output.weight"].max_abs_diff > 0  # llama.cpp's Q8_0 rounding of a float matrix, reported
+
+
+def test_float_model_to_a_block_type_and_to_f32(tmp_path):
+    model = llama()
+    exact = export_gguf(model, TOKENIZER, tmp_path / "f32.gguf", GGUFExportConfig(embeddings="f32"))
+    assert {t.type for t in exact.tensors} == {"F32"} and all(t.max_abs_diff == 0 for t in exact.tensors)
+    q40 = export_gguf(model, TOKENIZER, tmp_path / "q40.gguf", GGUFExportConfig(type="q4_0"))
+    requantized = [t for t in q40.tensors if t.how == "requantized"]
+    assert len(requantized) == 14 and {t.type for t in requantized} == {"Q4_0"}
+    assert 0 < max(t.max_abs_diff for t in requantized) < 0.05
+
+
+def test_a_layer_without_an_exact_type_is_an_error_unless_a_fallback_is_chosen(tmp_path):
+    qmodel = quantize(llama(), {"format": "int4", "group_size": 32, "overrides": [{"pattern": "down_proj", "format": "nf4"}]})
+    with pytest.raises(WeightwiseError, match=r"2 layers have no exact GGUF type .*nf4.*model\.layers\.0\.mlp\.down_proj.*fallback"):
+        export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(fallback="q8_0"))
+    assert report.fallback_layers == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    fallback = [t for t in report.tensors if t.how == "fallback"]
+    assert {t.type for t in fallback} == {"Q8_0"} and all(t.max_abs_diff > 0 for t in fallback)
+    with pytest.raises(WeightwiseError, match="Q4_0.*maps to|no exact GGUF type q8_0"):
+        export_gguf(quantize(llama(), EXACT_RECIPES["Q4_0"]), TOKENIZER, tmp_path / "q8.gguf", GGUFExportConfig(type="q8_0"))
+
+
+def test_lorc_act_formats_and_odd_groups_have_no_exact_type(tmp_path):
+    for recipe, why in [({"format": "int4", "group_size": 32, "lorc_rank": 2}, "LoRC"),
+                        ({"format": "int4", "group_size": 16}, "16"),
+                        ({"format": "int4", "group_size": 32, "act_format": "int8"}, "activation format")]:
+        with pytest.raises(WeightwiseError, match=why):
+            export_gguf(quantize(llama(), recipe), TOKENIZER, tmp_path / "m.gguf")
+
+
+def test_existing_output_unsupported_architecture_and_missing_tokenizer(tmp_path):
+    qmodel = quantize(llama(), EXACT_RECIPES["Q4_0"])
+    (tmp_path / "m.gguf").write_bytes(b"keep me")
+    with pytest.raises(WeightwiseError, match="exists"):
+        export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"keep me"
+    export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", overwrite=True)
+    assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(WeightwiseError, match="architecture 'gpt2' has no GGUF exporter"):
+        export_gguf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)), TOKENIZER, tmp_path / "g.gguf")
+    with pytest.raises(WeightwiseError, match="no tokenizer"):
+        export_gguf(qmodel, None, tmp_path / "n.gguf")
+    assert not (tmp_path / "n.gguf").exists()
+
+
+def test_dense_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    qmodel = quantize(llama(), {"format": "int3", "group_size": 32, "lorc_rank": 2})
+    export(qmodel, TOKENIZER, "hf", tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    ids = torch.arange(3, 30).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, qmodel(ids).logits)
+    assert json.loads((tmp_path / "dense" / "manifest.json").read_text())["formats"] == "int3 g32 + lorc2"
+    with pytest.raises(WeightwiseError, match="exists"):
+        export(qmodel, TOKENIZER, "hf", tmp_path / "dense")
+
+
+def test_cli_exports_a_run_and_refuses_bad_options(tmp_path):
+    qmodel = quantize(llama(), EXACT_RECIPES["Q5_0"])
+    from weightwise.io.folders import save
+
+    run = save(qmodel, tmp_path / "run", tokenizer=TOKENIZER)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "weightwise.cli", "export", *map(str, args)], capture_output=True, text=True)
+
+    done = cli(run, "-o", tmp_path / "m.gguf")
+    assert done.returncode == 0, done.stderr
+    assert "Q5_0" in done.stdout and (tmp_path / "m.gguf").is_file()
+    for args, message in [((run, "-o", tmp_path / "m.gguf"), "exists"),
+                          ((run, "--to", "onnx", "-o", tmp_path / "x"), "--to onnx"),
+                          ((run, "--type", "q3_k", "-o", tmp_path / "y.gguf"), "type"),
+                          ((run, "--to", "hf", "--fallback", "q8_0", "-o", tmp_path / "z"), "--fallback apply to --to gguf only")]:
+        failed = cli(*args)
+        assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error:") and message in failed.stderr
+
+
+def test_llama_cpp_runs_the_exported_file(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [peers] extra)")
+    qmodel = quantize(llama(), EXACT_RECIPES["Q4_0"])
+    export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="f32"))
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    text = "hello world, hello llama"
+    ids = TOKENIZER(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.reset()
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = qmodel(torch.tensor([ids])).logits[0].numpy()
+    got = np.array(llm.scores[: len(ids)])
+    # llama.cpp quantizes activations to 8 bits for Q4_0 matmuls on CPU: close, not equal
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.9
