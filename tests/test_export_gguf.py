@@ -179,3 +179,23 @@ def test_llama_cpp_runs_the_exported_file(tmp_path):
     # llama.cpp quantizes activations to 8 bits for Q4_0 matmuls on CPU: close, not equal
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
     assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+
+
+def test_planner_budgets_gguf_file_bits_and_the_plan_exports_exactly(tmp_path):
+    """plan_storage 'gguf': candidates cost their GGUF type's bits (int3 costs Q4_0's 4.5), nf4 has none and is skipped."""
+    from gguf import GGUFReader
+
+    from weightwise.quantize import quantization_record
+
+    candidates = [{"format": "mxfp4"}, {"format": "int3", "group_size": 32}, {"format": "nf4", "group_size": 32},
+                  {"format": "int5", "group_size": 32}, {"format": "int8", "group_size": 32}]
+    calib = torch.randint(0, len(TOKENIZER), (4, 32), generator=torch.Generator().manual_seed(0))
+    qmodel = quantize(llama(), {"target_bpw": 5.0, "plan_storage": "gguf", "candidates": candidates,
+                                "calibration": {"samples": 4, "seq_len": 32}}, calibration=calib)
+    plan = quantization_record(qmodel).plan
+    assert plan.total_bits <= plan.budget_bits and not any(c.choice.startswith("nf4") for c in plan.choices.values())
+    assert {c.bits for c in plan.choices.values() if c.choice.startswith("int3")} <= {4.5 * 64 * 64, 4.5 * 32 * 64}
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "plan.gguf")
+    assert len({t.type for t in report.tensors if t.how == "exact"}) > 1  # several GGUF types in one file
+    linears = [t for t in GGUFReader(tmp_path / "plan.gguf").tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    assert sum(int(t.n_bytes) for t in linears) * 8 == plan.total_bits

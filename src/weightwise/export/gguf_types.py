@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
@@ -125,6 +126,15 @@ def exact_gguf_type(spec: QuantSpec, shape: tuple[int, int]) -> GGUFTypeRule | N
     """The rule storing tensors of ``spec`` and ``shape`` exactly, or None. Scales are checked by :func:`pack_gguf`."""
     rule = _rule_or_reason(spec, shape)
     return None if isinstance(rule, str) else rule
+
+
+def gguf_storage_bits(shape: tuple[int, int], spec: QuantSpec) -> int | None:
+    """Bits a tensor of ``spec`` and ``shape`` takes in a GGUF file (its exact type's blocks), None without one."""
+    rule = exact_gguf_type(spec, shape)
+    if rule is None:
+        return None
+    block, type_bytes = gguf.GGML_QUANT_SIZES[rule.gguf_type]
+    return 8 * type_bytes * shape[0] * shape[1] // block
 
 
 def why_not_exact(spec: QuantSpec, shape: tuple[int, int]) -> str | None:

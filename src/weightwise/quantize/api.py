@@ -239,7 +239,8 @@ def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tenso
     result, choices = plan_layers(model, weights, hessians, candidates=recipe.candidates, target_bpw=recipe.target_bpw,
                                   target_mb=recipe.target_mb, pad=recipe.pad, pow2_scales=recipe.pow2_scales,
                                   lorc_dtype=recipe.lorc_dtype, method=_planning_method(recipe),
-                                  row_weights=row_weights, device=device)
+                                  row_weights=row_weights, device=device,
+                                  storage=recipe.plan_storage)
     n_params = sum(w.numel() for w in weights.values())
     return PlanRecord(target_bpw=recipe.target_bpw, target_mb=recipe.target_mb, **plan_summary(result, n_params)), choices
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.export.gguf_types import gguf_storage_bits
 from weightwise.formats.base import Granularity, QuantSpec
 from weightwise.formats.quantizer import dequantize, group_layout, quantize_tensor, storage_bits
 from weightwise.formats.lowrank import low_rank_compensation
@@ -66,6 +68,7 @@ DEFAULT_CANDIDATES: tuple[PlanCandidate, ...] = tuple(
 
 
 Approximation = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]
+PlanStorage = Literal["weightwise", "gguf"]
 
 
 def round_to_nearest(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor) -> torch.Tensor:
@@ -74,16 +77,24 @@ def round_to_nearest(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tenso
 
 
 def layer_candidates(weight: torch.Tensor, hessian: torch.Tensor, candidates, pad: bool, pow2_scales: str,
-                     lorc_dtype: str, row_weights: torch.Tensor | None = None, gain: float = 1.0) -> list[Candidate]:
+                     lorc_dtype: str, row_weights: torch.Tensor | None = None, gain: float = 1.0,
+                     storage: PlanStorage = "weightwise") -> list[Candidate]:
     """Stored bits and predicted output error of ``weight`` under each candidate that fits its shape.
 
     Round-to-nearest stands in for the method; ``row_weights`` weight the output channels' errors (see
-    ``output_error``); every error is multiplied by ``gain`` (see ``method_gain``).
+    ``output_error``); every error is multiplied by ``gain`` (see ``method_gain``). With ``storage="gguf"`` a
+    candidate costs the bits of its exact GGUF type (int2–4 cost Q4_0's 4.5 bits/weight) and candidates without
+    one (nf4, LoRC, groups not a multiple of 32, ...) are skipped.
     """
     out = []
     for cand, spec in fitting_candidates(weight, candidates, pad, pow2_scales):
+        if storage == "gguf":
+            bits = None if cand.lorc_rank else gguf_storage_bits(tuple(weight.shape), spec)
+            if bits is None:
+                continue
+        else:
+            bits = storage_bits(tuple(weight.shape), spec)
         approx = round_to_nearest(weight, spec, hessian)
-        bits = storage_bits(tuple(weight.shape), spec)
         if cand.lorc_rank:
             factors = low_rank_compensation(weight - approx, cand.lorc_rank, lorc_dtype)
             approx, bits = approx + factors.delta(), bits + factors.stored_bits()
@@ -138,6 +149,7 @@ def plan_layers(
     method: Approximation | None = None,
     row_weights: dict[str, torch.Tensor] | None = None,
     device: torch.device | str | None = None,
+    storage: PlanStorage = "weightwise",
 ) -> tuple[Plan, dict[str, tuple[QuantSpec, int]]]:
     """The optimal plan and, per layer, its (spec, LoRC rank).
 
@@ -151,10 +163,12 @@ def plan_layers(
         w, hessian = weight.to(device), hessians[name].to(device)
         rows = None if row_weights.get(name) is None else row_weights[name].to(device)
         gain = 1.0 if method is None else method_gain(w, hessian, anchor_spec(w, candidates, pad, pow2_scales), method)
-        options[name] = layer_candidates(w, hessian, candidates, pad, pow2_scales, lorc_dtype, row_weights=rows, gain=gain)
+        options[name] = layer_candidates(w, hessian, candidates, pad, pow2_scales, lorc_dtype, row_weights=rows, gain=gain,
+                                         storage=storage)
     empty = [name for name, cands in options.items() if not cands]
     if empty:
-        raise WeightwiseError(f"no planner candidate fits layer {empty[0]}: add candidates whose group size divides its rows")
+        exact = " with an exact GGUF type" if storage == "gguf" else ""
+        raise WeightwiseError(f"no planner candidate{exact} fits layer {empty[0]}: add candidates whose group size divides its rows")
     n_params = sum(w.numel() for w in weights.values())
     if target_bpw is not None:
         budget = budget_from_bpw(target_bpw, n_params)

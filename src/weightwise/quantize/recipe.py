@@ -16,7 +16,7 @@ from weightwise.quantize.blocktune import BlockTuneConfig
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.formats.lowrank import FactorDtype
 from weightwise.quantize.methods import METHOD_NAMES, MethodConfig, RTNConfig
-from weightwise.quantize.planning import DEFAULT_CANDIDATES, PlanCandidate
+from weightwise.quantize.planning import DEFAULT_CANDIDATES, PlanCandidate, PlanStorage
 from weightwise.quantize.scaling import BlockStep, smoothquant_step
 
 RECIPE_VERSION = 1
@@ -99,6 +99,10 @@ class QuantRecipe(BaseModel):
     plan_gradient_samples: int = Field(
         16, ge=0, description="Mixed precision: calibration sequences whose loss gradients weight each layer's "
         "output error per channel (the planner's sensitivity, comparable across layers); 0 = plain output error.")
+    plan_storage: PlanStorage = Field(
+        "weightwise", description="Mixed precision: what a candidate costs — weightwise's packed storage, or 'gguf': the "
+        "bits of its exact GGUF block type (int2–4 cost Q4_0's 4.5 bits/weight; candidates without an exact type are "
+        "skipped), so that target_bpw budgets the linear layers of an exported GGUF file.")
     candidates: list[PlanCandidate] = Field(
         default_factory=lambda: list(DEFAULT_CANDIDATES),
         description="Settings the planner chooses from (format, granularity, group_size, lorc_rank).")
@@ -131,6 +135,9 @@ class QuantRecipe(BaseModel):
             raise ValueError("give target_bpw or target_mb, not both")
         if (self.target_bpw or self.target_mb) and self.overrides:
             raise ValueError("overrides and a size target conflict: the planner sets every layer's format")
+        if self.plan_storage == "gguf" and self.target_mb is not None:
+            raise ValueError("plan_storage 'gguf' budgets the linear layers' bits: give target_bpw (a GGUF file's other "
+                             "tensors depend on the export's embedding type)")
         fixed = sorted(_PLANNED_FIELDS & self.model_fields_set)
         if (self.target_bpw or self.target_mb) and fixed:
             raise ValueError(f"with a size target the planner picks each layer's format, grouping, scale dtype and LoRC rank "
