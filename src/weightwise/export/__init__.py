@@ -15,7 +15,7 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.export.gguf import GGUFExportConfig, GGUFExportReport, export_gguf
 from weightwise.export.hf import TORCH_DTYPES, DenseDtype, export_hf
-from weightwise.io.artifacts import MANIFEST_NAME, atomic_output_dir, read_manifest
+from weightwise.io.artifacts import MANIFEST_NAME, QUANTIZED_MODEL_KIND, TUNE_RUN_KIND, atomic_output_dir, read_manifest
 
 ExportTarget = Literal["gguf", "compressed-tensors", "hf"]
 TARGETS: tuple[str, ...] = ("gguf", "compressed-tensors", "hf")
@@ -61,9 +61,12 @@ def gguf_tokenizer_source(source: str | os.PathLike) -> Path | None:
     from weightwise.io.models import model_source_info
 
     path = Path(source)
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():  # a run: follow its source (a tune run's base, ...)
         origin = read_manifest(path).get("source") or {}
-        found = Path(origin["path"]) if origin.get("kind") == "gguf" and origin.get("path") else None
-        return found if found is not None and found.is_file() else None
+        if origin.get("kind") == "gguf" and origin.get("path") and Path(origin["path"]).is_file():
+            return Path(origin["path"])
+        if origin.get("kind") in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND) and origin.get("path"):
+            return gguf_tokenizer_source(origin["path"])
+        return None
     info = model_source_info(source)
     return Path(info["path"]) if info["kind"] == "gguf" else None

@@ -20,6 +20,7 @@ from weightwise.errors import WeightwiseError
 
 MANIFEST_NAME = "manifest.json"
 QUANTIZED_MODEL_KIND = "quantized-model"  # manifest kind of a folder written by weightwise.save for a quantized model
+TUNE_RUN_KIND = "tune-run"  # manifest kind of a finished `weightwise tune` run (a patch or adapter and its base)
 MANIFEST_VERSION = 1
 _VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "gguf", "weightwise")
 

@@ -42,6 +42,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
     QUANTIZED_MODEL_KIND,
+    TUNE_RUN_KIND,
     atomic_output_dir,
     cache_dir,
     file_sha256,
@@ -69,7 +70,7 @@ _PICKLE_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 
 @dataclass(frozen=True)
 class _Source:
-    kind: str  # "gguf" | "folder" | "hub" | "quantized-model" | "encoder" (a base model such as BertModel)
+    kind: str  # "gguf" | "folder" | "hub" | "quantized-model" | "tune-run" | "encoder" (a base model such as BertModel)
     path: Path  # the .gguf file or the folder (for "hub": the snapshot folder in the HF cache)
 
 
@@ -92,6 +93,10 @@ def load_model(
     src = _resolve(source)
     if src.kind == QUANTIZED_MODEL_KIND:
         model, tokenizer = load_quantized(src.path)
+    elif src.kind == TUNE_RUN_KIND:  # the one loader above io: a tune result needs the patch and peft code
+        from weightwise.tune.runs import load_tune_run
+
+        model, tokenizer = load_tune_run(src.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     elif src.kind == "gguf":
         folder = _gguf_cache_folder(src.path)
         if not folder.is_dir():
@@ -144,8 +149,8 @@ def _resolve(source: str | os.PathLike) -> _Source:
         return _Source("encoder", minilm_path())
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / MANIFEST_NAME).is_file() and read_manifest(path)["kind"] == QUANTIZED_MODEL_KIND:
-            return _Source(QUANTIZED_MODEL_KIND, path)
+        if (path / MANIFEST_NAME).is_file() and read_manifest(path)["kind"] in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND):
+            return _Source(read_manifest(path)["kind"], path)
         return _Source("folder", path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":

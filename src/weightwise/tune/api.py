@@ -28,7 +28,7 @@ from torch import nn
 from weightwise.architectures import family_of, matches
 from weightwise.data.tasks import encode_examples, task_examples
 from weightwise.errors import WeightwiseError
-from weightwise.io.artifacts import MANIFEST_NAME, state_dict_fingerprint, write_json_atomic, write_manifest
+from weightwise.io.artifacts import MANIFEST_NAME, TUNE_RUN_KIND, state_dict_fingerprint, write_json_atomic, write_manifest
 from weightwise.tune.checkpoint import TuneCheckpoints, set_rng_state
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import TuneConfig
@@ -37,7 +37,6 @@ from weightwise.tune.methods import make_method
 
 logger = logging.getLogger(__name__)
 
-TUNE_RUN_KIND = "tune-run"
 CONFIG_FILE = "tune_config.json"
 METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
