@@ -186,3 +186,25 @@ def test_vllm_warnings_for_group_sizes_and_mixed_fused_shards():
     assert "model.layers.0.self_attn.q_proj" in warning and "differ" in warning
     (group_16,) = vllm_shape_warnings(quantize(aligned, {"format": "int4", "group_size": 16}))
     assert "not 16: model.layers.0.self_attn.{q_proj,k_proj,v_proj}" in group_16 and "model.layers.1.mlp.down_proj" in group_16
+
+
+def test_cli_exports_a_run_atomically_and_refuses_an_existing_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from weightwise.io.folders import save
+
+    run = save(_quantized({"format": "int4", "group_size": 32}), tmp_path / "run", tokenizer=tiny_tokenizer())
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "weightwise.cli", "export", str(run), "--to", "compressed-tensors", *args],
+                              capture_output=True, text=True)
+
+    done = cli("-o", str(tmp_path / "ct"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["quantization_status"] == "compressed"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    _assert_same_model(_quantized({"format": "int4", "group_size": 32}), loaded)
+    again = cli("-o", str(tmp_path / "ct"))
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error:") and "exists" in again.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ct")]  # no temporary folder left behind
