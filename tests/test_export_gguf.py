@@ -199,3 +199,34 @@ def test_planner_budgets_gguf_file_bits_and_the_plan_exports_exactly(tmp_path):
     assert len({t.type for t in report.tensors if t.how == "exact"}) > 1  # several GGUF types in one file
     linears = [t for t in GGUFReader(tmp_path / "plan.gguf").tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     assert sum(int(t.n_bytes) for t in linears) * 8 == plan.total_bits
+
+
+def _family_model(model_type: str):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    fields = dict(vocab_size=len(TOKENIZER), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type != "mistral")
+    if model_type == "qwen3":
+        fields["head_dim"] = 16
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_path, model_type):
+    qmodel = quantize(_family_model(model_type), {"format": "int4", "group_size": 32})
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="f32"))
+    assert all(t.max_abs_diff == 0 for t in report.tensors if t.how == "exact")
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        expected = qmodel(ids).logits
+    if model_type != "qwen3":  # transformers' GGUF loader ignores qwen3's key_length and rebuilds head_dim 128
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the [gguf-check] extra)")
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = np.array(llm.scores[: ids.shape[1]])
+    assert (got.argmax(-1) == expected[0].numpy().argmax(-1)).mean() > 0.9
+    assert np.abs(got - expected[0].numpy()).max() < 0.05 * np.abs(expected[0].numpy()).max()
