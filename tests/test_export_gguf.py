@@ -209,10 +209,12 @@ def _family_model(model_type: str):
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type != "mistral")
     if model_type == "qwen3":
         fields["head_dim"] = 16
+    if model_type == "phi3":  # fused qkv_proj and gate_up_proj
+        fields.update(num_key_value_heads=4, pad_token_id=0, tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_path, model_type):
     qmodel = quantize(_family_model(model_type), {"format": "int4", "group_size": 32})
     report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="f32"))
@@ -220,7 +222,7 @@ def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_p
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         expected = qmodel(ids).logits
-    if model_type != "qwen3":  # transformers' GGUF loader ignores qwen3's key_length and rebuilds head_dim 128
+    if model_type not in ("qwen3", "phi3"):  # transformers' GGUF loader: qwen3's key_length ignored; phi3 pad id defaults to 32000
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -71,7 +71,10 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp runs Mistral as llama
     "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, permute_qk=False),  # fused qkv and gate_up stay fused (attn_qkv, ffn_up)
 }
+# Not yet: gemma2/gemma3_text (llama.cpp stores their norms as 1 + w and needs sliding-window, soft-capping and
+# local-rope metadata) and bert (an encoder, not a causal LM for llama.cpp's generation).
 
 
 class GGUFExportConfig(BaseModel):
