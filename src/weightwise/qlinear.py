@@ -1,17 +1,20 @@
 """QuantizedLinear: a drop-in nn.Module that stores packed codes and scales and dequantizes in forward.
 
 Only the packed form is kept in memory, so a quantized model's weight bytes really shrink; the cost
-is one dequantization per forward call. Optional low-rank compensation factors (LoRC) are added to
-the dequantized weight. An optional activation format (``act_format``) fake-quantizes the input per
-token before the matmul (simulated W8A8 / W4A8); it stores nothing.
+is one dequantization per forward call, unless :func:`dequantized_once` holds the float weights for a
+stretch of many calls (calibration, generation, evaluation). Optional low-rank compensation factors
+(LoRC) are added to the dequantized weight. An optional activation format (``act_format``)
+fake-quantizes the input per token before the matmul (simulated W8A8 / W4A8); it stores nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +24,8 @@ from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.quantizer import dequantize, stored_layout
 from weightwise.formats.lowrank import FactorDtype, LowRankFactors
 from weightwise.records import LayerRecord
+
+logger = logging.getLogger(__name__)
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(QuantizedTensor) if f.name not in ("shape", "spec"))
 
@@ -43,7 +48,7 @@ class QuantizedLinear(nn.Module):
         if act_format is not None:
             activation_spec(act_format)  # refuse an unknown format now, not at the first forward
         self.act_format = act_format
-        self._weight_cache: torch.Tensor | None = None  # set only inside dequantized_once()
+        self._weight_cache: torch.Tensor | None = None  # set only through hold_weight()
         for name in _TENSOR_FIELDS:
             self.register_buffer(name, None)
         for name, (size, dtype) in stored_layout((out_features, in_features), spec).items():
@@ -94,6 +99,16 @@ class QuantizedLinear(nn.Module):
         factors = self.lowrank_factors()
         return weight if factors is None else weight + factors.delta()
 
+    @property
+    def held_weight(self) -> torch.Tensor | None:
+        """The float weight forward uses instead of dequantizing, if one is held."""
+        return self._weight_cache
+
+    def hold_weight(self, weight: torch.Tensor | None) -> None:
+        """Make forward use ``weight`` (the float weight, e.g. dequantized once or a differentiable function of
+        tuned scales) instead of dequantizing the stored codes on every call; None dequantizes again."""
+        self._weight_cache = weight
+
     def stored_bits(self) -> int:
         """Bits of every stored weight tensor (codes, scales, offsets, shifts, low-rank factors), not the bias."""
         return sum(8 * t.numel() * t.element_size() for t in self.buffers())
@@ -114,14 +129,47 @@ class QuantizedLinear(nn.Module):
 
 
 @contextmanager
-def dequantized_once(module: nn.Module) -> Iterator[None]:
-    """Dequantize every QuantizedLinear in ``module`` once for many forward calls (calibration passes);
-    the float weights are dropped again on exit, so memory returns to the packed size."""
-    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
-    for layer in layers:
-        layer._weight_cache = layer.dequantized_weight()
+def dequantized_once(module: nn.Module, max_bytes: int | None = None) -> Iterator[bool]:
+    """Dequantize every QuantizedLinear in ``module`` once for many forward calls (calibration passes,
+    generation, evaluation) instead of once per call; same outputs bit for bit. Yields whether it did.
+
+    The float weights (float32, 4 bytes a parameter) are held only if they fit: in ``max_bytes`` when
+    given, else in half the memory now free on each device that holds them, leaving the rest for
+    activations and caches. If they do not fit, forward calls dequantize as usual (logged). Layers that
+    already hold a weight (an enclosing call) keep it. On exit the float weights are dropped, so memory
+    returns to the packed size.
+    """
+    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear) and m.held_weight is None]
+    needed = _float_weight_bytes(layers)
+    if max_bytes is not None:
+        fits = sum(needed.values()) <= max_bytes
+    else:
+        fits = all(size <= _free_bytes(device) // 2 for device, size in needed.items())
+    if not fits:
+        layers = []
+        logger.warning("dequantizing on every forward call: the float weights (%.0f MB) do not fit in %s",
+                       sum(needed.values()) / 2**20,
+                       f"max_bytes {max_bytes}" if max_bytes is not None else "half the free memory")
     try:
-        yield
+        for layer in layers:
+            layer.hold_weight(layer.dequantized_weight())
+        yield fits
     finally:
         for layer in layers:
-            layer._weight_cache = None
+            layer.hold_weight(None)
+
+
+def _float_weight_bytes(layers: list[QuantizedLinear]) -> dict[torch.device, int]:
+    """Bytes of the float32 weights that ``layers`` dequantize to, by the device holding them."""
+    needed: dict[torch.device, int] = {}
+    for layer in layers:
+        device = layer.packed_codes.device
+        needed[device] = needed.get(device, 0) + 4 * layer.out_features * layer.in_features
+    return needed
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory free now on ``device``: the GPU's own for CUDA, the host's otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available

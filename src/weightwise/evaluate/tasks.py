@@ -12,6 +12,7 @@ from torch import nn
 from weightwise.data.tasks import Example, prompt_ids, stop_token_ids
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.speed import eval_mode
+from weightwise.qlinear import dequantized_once
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,10 @@ def exact_match(
     Each prompt is built as in training (chat template with the generation prompt, see
     :func:`weightwise.data.tasks.prompt_ids`); prompts are left-padded into batches of similar length and
     decoded greedily for at most ``max_new_tokens``; an answer ends at the end-of-sequence or end-of-turn
-    token. Returns ``{"accuracy", "n", "n_correct", "samples"}``, samples being the first ``n_samples``
+    token. A quantized model's weights are dequantized once for all batches when memory allows
+    (:func:`weightwise.qlinear.dequantized_once`), so it decodes as fast as the float model.
+
+    Returns ``{"accuracy", "n", "n_correct", "samples"}``, samples being the first ``n_samples``
     examples as ``{"prompt", "expected", "got"}`` (``got`` the decoded answer before normalization).
     """
     if not examples:
@@ -84,7 +88,7 @@ def exact_match(
     pad_id = _pad_id(tokenizer)
     answers: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths → less padding
-    with eval_mode(model):
+    with eval_mode(model), dequantized_once(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             generated = _greedy(model, [prompts[i] for i in rows], pad_id, stops, max_new_tokens)

@@ -117,7 +117,7 @@ def tune_block(block: nn.Module, inputs: list[CapturedBatch], targets: list[torc
                 for i in torch.randperm(len(inputs), generator=generator).tolist():
                     hidden, args, kwargs = inputs[i]
                     for w in weights:
-                        w.layer._weight_cache = w.weight()
+                        w.layer.hold_weight(w.weight())
                     out = block(hidden, *args, **kwargs)
                     loss = F.mse_loss(out[0] if isinstance(out, tuple) else out, targets[i])
                     grads = torch.autograd.grad(loss, params)
@@ -126,7 +126,7 @@ def tune_block(block: nn.Module, inputs: list[CapturedBatch], targets: list[torc
                     optimizer.step()
     finally:
         for w in weights:
-            w.layer._weight_cache = None
+            w.layer.hold_weight(None)
         for p in frozen:
             p.requires_grad_(False)
     originals = [(w.layer.scales.clone(), None if w.layer.offsets is None else w.layer.offsets.clone()) for w in weights]
