@@ -234,10 +234,10 @@ def test_dequantized_once_gives_the_same_outputs_and_is_released():
     with torch.no_grad():
         plain = qmodel(ids).logits
         with dequantized_once(qmodel):
-            assert all(m._weight_cache is not None for m in _qlinears(qmodel).values())
+            assert all(m.held_weight is not None for m in _qlinears(qmodel).values())
             cached = qmodel(ids).logits
     assert torch.equal(plain, cached)
-    assert all(m._weight_cache is None for m in _qlinears(qmodel).values())
+    assert all(m.held_weight is None for m in _qlinears(qmodel).values())
 
 
 def test_public_api_functions_stay_callable_after_their_packages_are_imported():
