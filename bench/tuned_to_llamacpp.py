@@ -1,4 +1,4 @@
-"""Benchmark: the whole path for a tuned model — LIFT on the arithmetic task, merged, GPTQ-quantized, exported to GGUF
+"""Benchmark: the whole path for a tuned model — LIFT on the arithmetic task, merged, GPTQ-quantized (clip search), exported to GGUF
 Q4_0, run in llama.cpp — exact match on held-out problems in llama.cpp beside the same quantized model in weightwise.
 
 Both sides see the same prompt token ids (weightwise's chat formatting, `weightwise.data.tasks.prompt_ids`) and decode
@@ -6,7 +6,7 @@ greedily for the same number of new tokens, stopping at the model's end-of-seque
 compared with `weightwise.evaluate.tasks.normalize_answer`. llama.cpp quantizes activations to 8 bits in its CPU
 Q4_0 matmuls, so a few answers may differ; the table reports how many.
 
-    .venv/bin/python bench/tuned_to_llamacpp.py            # 250 LIFT steps, GPTQ int4 g32 (128 × 512), 100 problems
+    .venv/bin/python bench/tuned_to_llamacpp.py            # 250 LIFT steps, GPTQ int4 g32 (128 × 512), 100 problems (~25 min on 2 idle cores)
     .venv/bin/python bench/tuned_to_llamacpp.py --quick    # 4 steps, 16 × 256 calibration, 8 problems: the wiring
 """
 
@@ -75,8 +75,7 @@ def main() -> None:
         timings["tune_seconds"] = time.perf_counter() - started
         del model
     tuned, tokenizer = load_model(tuned_run)  # the base with the LIFT patch merged
-    recipe = {"format": "int4", "group_size": 32, "method": {"name": "gptq", "clip_search": True, "refit_scales": True,
-                                                              "refit_rounds": 3}, "calibration": calib}
+    recipe = {"format": "int4", "group_size": 32, "method": {"name": "gptq", "clip_search": True}, "calibration": calib}
     started = time.perf_counter()
     qmodel = quantize(tuned, recipe, tokenizer=tokenizer)
     timings["quantize_seconds"] = time.perf_counter() - started
