@@ -184,6 +184,12 @@ def test_demo_rejects_an_invalid_eval_config(capsys, monkeypatch, tmp_path):
     assert_user_error(run_cli(capsys, monkeypatch, "demo", "--config", bad, "-o", out), "window", out)
 
 
+def test_demo_rejects_a_bad_recipe(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "demo"
+    assert_user_error(run_cli(capsys, monkeypatch, "demo", "--format", "int4:32:magic", "-o", out), "unknown method", out)
+    assert_user_error(run_cli(capsys, monkeypatch, "demo", "--format", "int4:x", "-o", out), "must be an integer", out)
+
+
 def test_quantize_device_errors(capsys, monkeypatch, tiny_dir, tmp_path):
     out = tmp_path / "q"
     assert_user_error(run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--device", "tpu", "-o", out), "use auto, cpu or cuda", out)

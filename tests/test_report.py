@@ -3,7 +3,7 @@ import json
 import pytest
 
 from weightwise.errors import WeightwiseError
-from weightwise.evaluate.report import load_metrics, pareto_front, write_report
+from weightwise.evaluate.report import load_metrics, pareto_figure, pareto_front, place_labels, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -69,3 +69,36 @@ def test_load_metrics_from_a_manifest(tmp_path):
         load_metrics(tmp_path / "manifest.json")
     with pytest.raises(WeightwiseError, match="not found"):
         load_metrics(tmp_path / "missing")
+
+
+def test_plot_zooms_on_the_quantized_runs_with_the_float_source_as_a_labelled_line():
+    runs = [*RUNS[:2], {**RUNS[2], "name": "int4 rtn", "recipe": {"method": {"name": "rtn"}}},
+            {**RUNS[2], "name": "int4 gptq", "ppl": 15.5, "recipe": {"method": {"name": "gptq"}}}, *RUNS[3:]]
+    ax = pareto_figure(runs, "t", "fp32").axes[0]
+    low, high = ax.get_xlim()
+    assert low < 2.5 and 8.25 < high < 16  # not out to the float source's 32 bits
+    assert any(list(line.get_ydata()) == [14.75, 14.75] for line in ax.get_lines())  # fp32 as a horizontal line
+    assert any(text.get_text() == "fp32: ppl 14.75" for text in ax.texts)
+    labels = {text.get_text() for text in ax.texts}
+    assert {"int4 rtn", "int4 gptq", "int2"} <= labels and "fp32" not in labels
+    assert {collection.get_label() for collection in ax.collections} == {"model", "rtn", "gptq"}  # a marker per method
+
+
+def test_plot_labels_do_not_overlap_on_clustered_points():
+    runs = [run("fp32", 32.0, 14.75)] + [run(f"int4 g32 variant {i}", 4.5 + 0.01 * i, 16.0 + 0.05 * i) for i in range(6)]
+    fig = pareto_figure(runs, "t", "fp32")
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in fig.axes[0].texts]
+    assert len(boxes) == 7
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_place_labels_avoids_labels_and_obstacles_and_stays_inside():
+    anchors = [(50.0, 50.0), (50.0, 52.0), (95.0, 50.0)]
+    offsets = place_labels(anchors, [(30.0, 10.0)] * 3, bounds=(0, 0, 100, 100), obstacles=[(55, 45, 80, 55)])
+    boxes = [(x + dx, y + dy, x + dx + 30, y + dy + 10) for (x, y), (dx, dy) in zip(anchors, offsets)]
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        assert 0 <= x0 and x1 <= 100 and 0 <= y0 and y1 <= 100
+        assert x1 <= 55 or x0 >= 80 or y1 <= 45 or y0 >= 55
+        for u0, v0, u1, v1 in boxes[i + 1:]:
+            assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0

@@ -218,51 +218,50 @@ def eval_cmd(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the comparative report.")] = Path("runs/demo"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the comparative report (and model.gguf).")] = Path("runs/demo"),
     full: Annotated[bool, typer.Option("--full", help="Evaluate on the whole pydoc eval split (slower) instead of --max-tokens.")] = False,
     max_tokens: Annotated[int, typer.Option(help="Tokens scored per model when not --full.")] = 4096,
-    formats: Annotated[Optional[list[str]], typer.Option("--format", help="Formats to compare (FORMAT or FORMAT:GROUP, GROUP 0 = per channel); default: six.")] = None,
+    formats: Annotated[Optional[list[str]], typer.Option("--format", help="Recipes to compare instead of the default ones: FORMAT[:GROUP[:METHOD]], "
+                                                         "e.g. int4:32:gptq (GROUP 0 = per channel; METHOD rtn by default).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML with evaluation settings (the fields of `weightwise eval`); options override it.")] = None,
+    no_export: Annotated[bool, typer.Option("--no-export", help="Do not write the best exactly-stored row as GGUF.")] = False,
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Where the GGUF file goes, replaced if it exists (default: OUTPUT/model.gguf).")] = None,
 ) -> None:
-    """The main job: quantize the default model in several formats, evaluate each, one report with a Pareto plot."""
-    from weightwise.compare import compare_recipes
-    from weightwise.evaluate.report import write_report
+    """The main job: the default model by RTN and by GPTQ, each evaluated, one report with a Pareto plot, and the
+    best row that llama.cpp stores exactly exported as GGUF."""
+    from weightwise.demo import run_demo, short_recipe
 
-    recipes = [_recipe_from_short(item) for item in (formats or DEMO_FORMATS)]
+    recipes = [short_recipe(item) for item in formats] if formats else None
     cfg = _build(EvalConfig, config, {"max_tokens": None if full else max_tokens})
-    model_obj, tokenizer = _load("default")
-    rows = compare_recipes(model_obj, tokenizer, recipes, cfg, on_event=lambda msg: console.print(msg))
-    write_report(output, rows, title="weightwise demo: SmolLM2-135M-Instruct, RTN in six formats", reference_name="source fp32", settings=cfg.model_dump())
-    _print_rows(rows)
-    console.print(f"report: {output / 'report.md'}")
+    result = run_demo(output, recipes=recipes, config=cfg, export=not no_export, gguf_path=gguf,
+                      on_event=lambda msg: console.print(msg))
+    _print_rows(result.rows, gguf=result.exact_gguf)
+    console.print(f"report: {result.report}")
+    if result.export is not None:
+        choice = result.choice
+        console.print(f"GGUF: [bold]{result.export.path}[/] ({result.export.file_bytes / 1e6:.1f} MB): {choice.name}, "
+                      f"ppl {choice.ppl:.3f}, every linear layer stored exactly as {'/'.join(choice.gguf_types)}", soft_wrap=True)
+        console.print("run it:\n  " + "\n  ".join(result.run_commands), soft_wrap=True, markup=False, highlight=False)
+    elif result.note:
+        console.print(result.note)
 
 
-DEMO_FORMATS = ["int8:0", "int4:64", "fp4_e2m1:32", "nf4:64", "int3_asym:32", "mxfp4"]
-
-
-def _recipe_from_short(item: str) -> QuantRecipe:
-    """'int4:64' → group of 64, 'int8:0' → per channel, 'mxfp4' → the format's default grouping."""
-    name, _, group = item.partition(":")
-    if not group:
-        return validated(QuantRecipe, {"format": name})
-    if not group.isdigit():
-        raise WeightwiseError(f"--format {item}: the group after ':' must be an integer (0 = per channel)")
-    fields = {"format": name, "granularity": "channel"} if int(group) == 0 else {"format": name, "group_size": int(group)}
-    return validated(QuantRecipe, fields)
-
-
-def _print_rows(rows: list[dict]) -> None:
+def _print_rows(rows: list[dict], gguf: dict[str, list[str]] | None = None) -> None:
+    """The results table; ``gguf`` (row name → exact GGUF types) adds a column."""
     table = Table(title="results")
-    for column in ("name", "bits/weight", "MB", "ppl", "KL", "top-1", "tokens/s"):
-        table.add_column(column, justify="left" if column == "name" else "right")
+    for column in ("name", "bits/weight", "MB", "ppl", "KL", "top-1", "tokens/s") + (("GGUF",) if gguf is not None else ()):
+        table.add_column(column, justify="left" if column in ("name", "GGUF") else "right")
     for row in rows:
         def fmt(key, spec):
             value = row.get(key)
             return "–" if value is None else format(value, spec)
 
-        table.add_row(row["name"], fmt("bits_per_weight", ".3f"), f"{row['total_bytes'] / 1e6:.1f}", fmt("ppl", ".3f"),
-                      fmt("kl_mean", ".4f"), fmt("top1_agreement", ".3f"), fmt("tokens_per_second", ".0f"))
-    Console().print(table)
+        cells = [row["name"], fmt("bits_per_weight", ".3f"), f"{row['total_bytes'] / 1e6:.1f}", fmt("ppl", ".3f"),
+                 fmt("kl_mean", ".4f"), fmt("top1_agreement", ".3f"), fmt("tokens_per_second", ".0f")]
+        if gguf is not None:
+            cells.append("/".join(gguf.get(row["name"]) or ["–"]))
+        table.add_row(*cells)
+    Console(width=max(Console().width, 110)).print(table)
 
 
 _T = TuneConfig.model_fields

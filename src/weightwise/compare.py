@@ -41,14 +41,17 @@ def compare_recipes(
     labels: list[str] | None = None,
     on_event: Event | None = None,
     on_row: Callable[[dict], None] | None = None,
+    on_model: Callable[[dict, nn.Module], None] | None = None,
     device: torch.device | str | None = None,
 ) -> list[dict]:
     """Rows (name, recipe, EvalResult fields, quantize time) for the source model and each recipe.
 
     The source's outputs are computed once and every quantized model is compared with them.
     ``labels`` name the recipes' rows (default: :func:`describe`); ``on_row`` sees each row as soon as
-    it is measured (e.g. to save partial results of a long benchmark). ``device`` is where quantization
-    runs (see :func:`weightwise.quantize.quantize`); the evaluation runs where the model is.
+    it is measured (e.g. to save partial results of a long benchmark); ``on_model(row, qmodel)`` sees each
+    quantized model with its row before it is dropped, so a caller may keep one (e.g. to export the best) without
+    quantizing it twice. ``device`` is where quantization runs (see :func:`weightwise.quantize.quantize`); the
+    evaluation runs where the model is.
     """
     say = on_event or (lambda message: None)
     text = config.load_text()
@@ -79,6 +82,8 @@ def compare_recipes(
         say(f"{label}: {result['bits_per_weight']:.3f} bits/weight, ppl {result['ppl']:.3f}, KL {result['kl_mean']:.4f}")
         if on_row:
             on_row(rows[-1])
+        if on_model:
+            on_model(rows[-1], qmodel)
         del qmodel
         gc.collect()
     return rows
