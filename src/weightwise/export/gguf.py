@@ -148,9 +148,7 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
                               "export it with --to hf or --to compressed-tensors instead")
     tensors, fallback_layers = _plan_tensors(model, family, config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # created by the writer with the usual permissions
     try:
         _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
         report_tensors = _verify(tmp, tensors)
