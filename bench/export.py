@@ -27,6 +27,7 @@ first 16 windows of 512 tokens of the pydoc eval split (``--quick``: 2 windows):
     .venv/bin/python bench/export.py --only int4-g32 speed    # some rows, merged into the existing results
     .venv/bin/python bench/export.py --calib-samples 32       # GPTQ rows with 32×512 calibration
     .venv/bin/python bench/export.py --quick                  # CI-sized: 2 windows, few rows, 16×512 calibration
+    .venv/bin/python bench/export.py --report                 # the Markdown of the results measured so far
 
 Rows: ``NAMES`` below. Results: bench/results/export.json and export.md (``--quick``: export-quick.*).
 """
@@ -528,7 +529,7 @@ def markdown(results: dict) -> str:
                 f"Aligned with difflib: {r['differing_spans']} differing spans ({r['hf_tokens_in_spans']} HF tokens ↔ "
                 f"{r['llama_tokens_in_spans']} llama.cpp tokens), {r['spans_whitespace_and_digits']} of them holding only spaces, "
                 f"newlines and digits on both sides (llama.cpp pre-tokenizer '{r['llama_pre_tokenizer']}', from the source "
-                "GGUF's metadata). The {r['eval_tokens']:,} tokens of the scored windows are "
+                f"GGUF's metadata). The {r['eval_tokens']:,} tokens of the scored windows are "
                 f"{'identical' if r['eval_tokens_equal'] else 'NOT identical'} (and every perplexity above feeds the HF ids "
                 "to both)." + (" Example: HF " + " ".join(r["examples"][0]["hf"]) + " vs llama.cpp "
                                + " ".join(r["examples"][0]["llama"]) + "." if r["examples"] else ""), ""]
@@ -567,9 +568,9 @@ def markdown(results: dict) -> str:
         base = next(e for e in r["entries"] if e["runtime"] == "transformers")
         out += [f"### Speed, {r['threads']} threads (prompt {r['prompt_tokens']} tokens, {r['new_tokens']} generated greedily, "
                 f"median of {r['repeats']} after a warm-up)", "",
-                f"The machine's 2 cores are shared: 1-minute load average {r['load_average_1min_before']:.1f} before and "
-                f"{r['load_average_1min_after']:.1f} after this row (2.0 = both cores busy), so these speeds are "
-                "affected by other jobs; compare within the table, which was measured in one pass.", "",
+                f"The machine's 2 cores are shared with other jobs: 1-minute load average {r['load_average_1min_before']:.1f} "
+                f"before and {r['load_average_1min_after']:.1f} after this row (2.0 = both cores busy). All rows of the "
+                "table come from one pass; compare them with each other rather than with other runs.", "",
                 "| runtime | weights | file bytes | prompt tok/s | generation tok/s | prompt vs transformers | generation vs transformers |",
                 "|---|---|---:|---:|---:|---:|---:|"]
         for e in r["entries"]:
@@ -602,11 +603,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/export.json; "
                         "--quick: export-quick.json); the Markdown goes beside it")
     parser.add_argument("--keep", type=Path, default=None, help="keep the GGUF files in this folder")
+    parser.add_argument("--report", action="store_true", help="only print (and rewrite) the Markdown of the JSON results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     out = args.out or Path("bench/results/export-quick.json" if args.quick else "bench/results/export.json")
+    if args.report:
+        write_markdown(json.loads(out.read_text()), out)
+        return
     names = args.only or (QUICK if args.quick else NAMES)
     max_tokens = QUICK_MAX_TOKENS if args.quick else MAX_TOKENS
     calib_samples = args.calib_samples or (16 if args.quick else 128)
@@ -646,6 +651,10 @@ def main() -> None:
             write_json_atomic(out, results)  # after every row: a long run keeps what it measured
     results["total_seconds_this_run"] = time.perf_counter() - started
     write_json_atomic(out, results)
+    write_markdown(results, out)
+
+
+def write_markdown(results: dict, out: Path) -> None:
     table = markdown(results)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
