@@ -22,6 +22,8 @@ _API = {
     "QuantizationRecord": "weightwise.records",
     "quantization_record": "weightwise.records",
     "save": "weightwise.io.folders",
+    "select": "weightwise.select.api",
+    "SelectConfig": "weightwise.select.config",
     "TuneConfig": "weightwise.tune.config",
     "tune": "weightwise.tune.api",
 }

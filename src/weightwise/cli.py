@@ -455,6 +455,59 @@ def export_cmd(
         console.print(f"wrote [bold]{output}[/]")
 
 
+@app.command("select")
+def select_cmd(
+    pool: Annotated[Path, typer.Argument(help="JSONL (or .jsonl.gz) of {prompt, response}, {messages} or {text} records.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for scored.jsonl, selected.jsonl, report.md and manifest.json.")] = ...,
+    scorer: Annotated[Optional[list[str]], typer.Option("--scorer", help="NAME[:WEIGHT[:high|low]], repeatable; scores combine by weighted rank "
+                                                        "averaging. Names: loss, el2n, ifd, grand, rds, less, dsir, length, prototype.")] = None,
+    selector: Annotated[Optional[str], typer.Option("--selector", help="top, bottom, random, stratified, kcenter or facility.")] = None,
+    stratify_by: Annotated[Optional[str], typer.Option("--stratify-by", help="Record field whose values share the budget (with --selector stratified).")] = None,
+    budget: Annotated[Optional[int], typer.Option("--budget", help="Examples to keep.")] = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="Fraction of the filtered pool to keep.")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", help="JSONL of target examples (a small dev set) for rds, less and dsir.")] = None,
+    dedup: Annotated[Optional[str], typer.Option("--dedup", help="none, exact or near (MinHash; default).")] = None,
+    near_threshold: Annotated[Optional[float], typer.Option("--near-threshold", help="Jaccard similarity above which examples are near duplicates (default 0.8).")] = None,
+    contamination: Annotated[Optional[list[str]], typer.Option("--contamination", help="JSONL of evaluation examples; pool examples sharing a 13-word span with them are dropped. Repeatable.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Causal LM for the model-based scorers (default: SmolLM2-135M-Instruct).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per example for model-based scorers.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per scoring batch.")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="local (default) or ray (Ray Data actors; pip install 'weightwise[ray]').")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Ray scoring actors, each with one copy of the model.")] = None,
+    on_error: Annotated[Optional[str], typer.Option("--on-error", help="skip (default: report bad lines and go on) or fail.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the random and diversity selectors.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    config: ConfigOpt = None,
+    trust_remote_code: RemoteCodeOpt = False,
+) -> None:
+    """Score the examples of POOL, drop duplicates and contaminated ones, and keep a budget of the rest.
+
+    A killed run resumes from its score cache when the same command is run again. The kept examples
+    (OUTPUT/selected.jsonl) train with `weightwise tune MODEL --task OUTPUT/selected.jsonl`.
+    """
+    from weightwise.select import SelectConfig, parse_scorer, select
+
+    selector_cfg = None
+    if selector is not None or stratify_by is not None:
+        selector_cfg = {"name": selector or "stratified", **({"field": stratify_by} if stratify_by else {})}
+    cfg = _build(SelectConfig, config, _given(
+        scorers=[parse_scorer(spec).model_dump() for spec in scorer] if scorer else None, selector=selector_cfg,
+        budget=budget, fraction=fraction, target=target, dedup=dedup, near_threshold=near_threshold,
+        contamination=contamination, model=model, max_length=max_length, batch_size=batch_size, engine=engine,
+        workers=workers, on_error=on_error, seed=seed, trust_remote_code=trust_remote_code or None))
+    with console.status(f"selecting from {pool}"):
+        selection = select(pool, output, cfg, overwrite=overwrite)
+    counts = selection.reason_counts()
+    console.print(f"kept [bold]{len(selection.kept)}[/] of {len(selection.pool)} valid examples in {selection.seconds:.1f} s"
+                  + (f"; dropped: {', '.join(f'{n} {why}' for why, n in counts.items())}" if counts else ""))
+    for bad in selection.pool.bad_lines[:10]:
+        console.print(f"[yellow]skipped line {bad.line}:[/] {bad.reason}")
+    if len(selection.pool.bad_lines) > 10:
+        console.print(f"[yellow]… {len(selection.pool.bad_lines) - 10} more invalid lines in {output}/manifest.json[/]")
+    console.print(f"wrote [bold]{output}[/]: selected.jsonl (train with `weightwise tune MODEL --task {output}/selected.jsonl`), "
+                  "scored.jsonl, report.md, manifest.json")
+
+
 patch_app = typer.Typer(help="Sparse weight patches: apply to a model, remove, compose, inspect.", no_args_is_help=True)
 app.add_typer(patch_app, name="patch")
 PatchArg = Annotated[Path, typer.Argument(help="A patch file (.safetensors) written by `weightwise tune` or `patch compose`.")]

@@ -179,18 +179,27 @@ def load_examples(path: str | Path) -> list[Example | str]:
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                examples.append(_parse_record(line, f"{path} line {number}"))
+                examples.append(parse_record(line, f"{path} line {number}"))
     if not examples:
         raise WeightwiseError(f"task file {path} holds no examples: write one JSON object per line")
     return examples
 
 
-def _parse_record(line: str, where: str) -> Example | str:
+_FORMS = '{"prompt", "response"}, {"messages": [...]} or {"text"}'
+
+
+def parse_record(line: str, where: str) -> Example | str:
+    """The example of one JSONL line (see :func:`load_examples`); ``where`` names the line in errors."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise WeightwiseError(f"{where} is not valid JSON ({err.msg}): write one JSON object per line") from None
-    forms = '{"prompt", "response"}, {"messages": [...]} or {"text"}'
+    return record_example(record, where)
+
+
+def record_example(record: Any, where: str) -> Example | str:
+    """The example a parsed JSON record holds: an :class:`Example` or a ``{"text"}`` string."""
+    forms = _FORMS
     if not isinstance(record, dict):
         raise WeightwiseError(f"{where} is not a JSON object: write objects like {forms}")
     if "prompt" in record or "response" in record:
@@ -278,23 +287,28 @@ def encode_examples(examples: list[Example | str], tokenizer, max_length: int = 
         raise WeightwiseError(f"max_length {max_length} is too short: pass at least 2 tokens")
     encoded, dropped = [], 0
     for example in examples:
-        if isinstance(example, str):
-            ids = _text_ids(tokenizer, example)[:max_length]
-            encoded.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)})
-            continue
-        context, answer = _answer_split(tokenizer, example)
-        if len(context) + len(answer) > max_length:
+        item = encode_example(example, tokenizer, max_length)
+        if item is None:
             dropped += 1
-            continue
-        encoded.append({
-            "input_ids": torch.tensor(context + answer),
-            "labels": torch.tensor([IGNORE_INDEX] * len(context) + answer),
-        })
+        else:
+            encoded.append(item)
     if dropped:
         logger.warning("dropped %d of %d examples longer than max_length=%d tokens", dropped, len(examples), max_length)
     if examples and not encoded:
         raise WeightwiseError(f"every example is longer than max_length={max_length} tokens: raise max_length")
     return encoded
+
+
+def encode_example(example: Example | str, tokenizer, max_length: int = 256) -> dict[str, torch.Tensor] | None:
+    """One example's ``input_ids`` and ``labels`` as :func:`encode_examples` makes them; None when an
+    :class:`Example` is longer than ``max_length`` (a text is truncated instead)."""
+    if isinstance(example, str):
+        ids = _text_ids(tokenizer, example)[:max_length]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)}
+    context, answer = answer_split(tokenizer, example)
+    if len(context) + len(answer) > max_length:
+        return None
+    return {"input_ids": torch.tensor(context + answer), "labels": torch.tensor([IGNORE_INDEX] * len(context) + answer)}
 
 
 def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -314,7 +328,7 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def _answer_split(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+def answer_split(tokenizer, example: Example) -> tuple[list[int], list[int]]:
     """(unscored context ids, scored ids: the response and its closing token)."""
     if has_chat_template(tokenizer):
         prompt, answer, rest = _chat_parts(tokenizer, example)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from weightwise.data.tasks import IGNORE_INDEX
 from weightwise.errors import WeightwiseError
 
 
@@ -43,9 +45,28 @@ def target_nll(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of next-token predictions: position t of ``(B, L, V)`` logits predicts ``labels[:, t+1]``.
+
+    Returns ``(B, L-1)`` float32, 0 where the label is ``IGNORE_INDEX``. The one masked-NLL function: the
+    tune loss (:func:`example_nll` summed), perplexity windows (:func:`window_nll`) and the data-selection
+    scorers all use it.
+    """
+    targets = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return nll.view(targets.shape)
+
+
+def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed NLL of the labelled positions and their count: ``(B,)`` float32 and ``(B,)`` int64."""
+    scored = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    return token_nll(logits, labels).sum(dim=1), scored.sum(dim=1)
+
+
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position NLL of tokens 1..L-1, each predicted from its prefix: ``(B, L, V)`` → ``(B, L-1)``."""
-    return target_nll(log_probs(logits[:, :-1]), input_ids[:, 1:])
+    return token_nll(logits, input_ids)
 
 
 def perplexity(mean_nll: float) -> float:

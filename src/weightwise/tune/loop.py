@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from weightwise.data.tasks import IGNORE_INDEX, collate
 from weightwise.errors import WeightwiseError
+from weightwise.evaluate.perplexity import example_nll
 from weightwise.tune.checkpoint import TuneCheckpoints, rng_state
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import TuneConfig
@@ -108,8 +108,7 @@ def peak_rss_mb() -> float:
 def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy of the labelled next-token predictions of one micro-batch (fp32)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return example_nll(logits, batch["labels"])[0].sum()
 
 
 def train(
