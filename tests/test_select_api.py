@@ -168,3 +168,22 @@ def test_cli_select_and_its_errors(pool_file, tmp_path):
     result = runner.invoke(app, ["select", str(bad), "-o", str(tmp_path / "x"), "--scorer", "length", "--budget", "1",
                                  "--on-error", "fail"])
     assert result.exit_code != 0 and "line 1" in str(result.exception)
+
+
+def test_examples_longer_than_max_length_get_no_score_and_a_reason(tmp_path):
+    records = [{"prompt": p, "response": r} for p, r in PROBLEMS[:5]] + [{"prompt": "x" * 300, "response": "long"}]
+    path = write_pool(tmp_path / "pool.jsonl", records)
+    selection = run(path, tmp_path / "sel", scorers=[parse_scorer("loss")], max_length=64, batch_size=1, budget=2)
+    assert np.isnan(selection.scores["loss"][5]) and np.isfinite(selection.scores["loss"][:5]).all()
+    assert selection.reasons[5].startswith("no loss score")
+
+
+def test_less_warms_up_on_a_seeded_sample_of_the_pool(pool_file, tmp_path):
+    target = write_pool(tmp_path / "dev.jsonl", [{"prompt": "What is 1 + 1?", "response": "2"}])
+    less = parse_scorer("less").model_copy(update={"warmup_examples": 4, "warmup_steps": 2, "targets": [r"q_proj$"]})
+    first = run(pool_file, tmp_path / "a", scorers=[less], target=str(target))
+    again = run(pool_file, tmp_path / "b", scorers=[less], target=str(target))
+    np.testing.assert_array_equal(first.scores["less"], again.scores["less"])
+    other = less.model_copy(update={"seed": 1})
+    assert not np.allclose(run(pool_file, tmp_path / "c", scorers=[other], target=str(target)).scores["less"],
+                           first.scores["less"])

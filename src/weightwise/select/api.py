@@ -8,6 +8,7 @@ scorers), weighted rank averaging, the selector. Every example of the input gets
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -71,7 +72,7 @@ def select(
     budget_count(len(eligible), config.budget, config.fraction)  # a budget larger than the pool fails before scoring
 
     cache_folder = out.with_name(f".{out.name}.score-cache")
-    context = ScoringContext(None, None, targets, config.max_length, config.batch_size)
+    context = ScoringContext(None, None, targets, eligible, config.max_length, config.batch_size)
     if config.needs_model:
         if model is None:
             from weightwise.io.models import load_model
@@ -156,7 +157,8 @@ def score_pool(pool: Pool, eligible: list[PoolExample], config: SelectConfig, co
         state = handler.prepare(scorer, context) if handler.prepare else None
         stats.prepare_seconds[label] = time.perf_counter() - start
         settings = {"scorer": scorer.key(), "model": fingerprint, "max_length": config.max_length,
-                    "targets": [ex.key for ex in context.targets] if scorer.needs_target else None}
+                    "targets": [ex.key for ex in context.targets] if scorer.needs_target else None,
+                    "pool": _digest(ex.key for ex in eligible) if scorer.reads_pool else None}
         prepared.append(PreparedScorer(label, scorer, handler, state, ScoreCache(cache_folder, scorer.name, settings)))
     if prepared:
         work = pending_work(prepared, eligible, config.batch_size)
@@ -187,6 +189,10 @@ def _labels(config: SelectConfig) -> list[str]:
         seen[scorer.name] = seen.get(scorer.name, 0) + 1
         labels.append(scorer.name if seen[scorer.name] == 1 else f"{scorer.name}#{seen[scorer.name]}")
     return labels
+
+
+def _digest(keys) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def _spread(n: int, examples: list[PoolExample], values: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ class ScoringContext:
     model: nn.Module | None
     tokenizer: object | None
     targets: list[PoolExample] = field(default_factory=list)
+    pool: list[PoolExample] = field(default_factory=list)  # the examples being scored (LESS warms up on a sample)
     max_length: int = 256
     batch_size: int = 16
     embed: Callable[[list[str]], np.ndarray] | None = None  # texts → (n, d) unit vectors (all-MiniLM-L6-v2)

@@ -1,7 +1,8 @@
 """Scoring engines: run the prepared batch scorers over the pool's batches and fill their caches.
 
 ``local`` scores in this process. ``ray`` (:mod:`weightwise.select.ray_engine`) sends the same batches to
-Ray Data actors that each load the model once; both call :func:`score_batch`, so their scores are equal.
+Ray Data actors that each receive the model once; both call :func:`score_batch`, so their scores are equal.
+A batch whose examples are all longer than ``max_length`` scores NaN (no score) without running the model.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def score_batch(scorers: list[PreparedScorer], context: ScoringContext, examples
     for scorer in scorers:
         if scorer.cache.missing(keys):
             start = time.perf_counter()
-            out[scorer.label] = (scorer.handler.score_batch(scorer.config, batch, scorer.state), time.perf_counter() - start)
+            scores = scorer.handler.score_batch(scorer.config, batch, scorer.state) if batch.fits.any() else batch.scatter([])
+            out[scorer.label] = (scores, time.perf_counter() - start)
     return out
 
 

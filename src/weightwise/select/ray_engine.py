@@ -1,7 +1,8 @@
 """The ``ray`` scoring engine: the pending batches on Ray Data actors, each holding one copy of the model.
 
-The driver puts the in-memory model, tokenizer, prepared scorer states and batches in the object store once;
-``workers`` actors fetch them once and score one batch per call with
+The driver puts the in-memory model (as its class, config and state dict: each actor rebuilds it exactly, through
+its own ``__init__``), tokenizer, prepared scorer states and batches in the object store once; ``workers`` actors
+fetch them once and score one batch per call with
 :func:`~weightwise.select.engine.score_batch` (the local engine's code, so the scores are equal). The results
 stream back and the driver records each one with :func:`~weightwise.select.engine.record`: the score caches
 never leave the driver, are filled batch by batch, and a killed run resumes.
@@ -9,18 +10,18 @@ never leave the driver, are filled batch by batch, and a killed run resumes.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.qlinear import QuantizedLinear
 from weightwise.select.batch import ScoringContext
 from weightwise.select.config import SelectConfig
 from weightwise.select.engine import PreparedScorer, ScoringWork, record, score_batch
@@ -29,8 +30,28 @@ from weightwise.select.pool import PoolExample
 logger = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 300 * 2**20  # of a cluster started here: larger objects (the model) spill to disk
-CAPTURE_MODULE = "transformers.utils.output_capturing"  # its forward hooks record hidden states (transformers 5)
-CAPTURE_FLAG = "_output_capturing_hooks_installed"
+
+
+@dataclass(frozen=True)
+class PortableModel:
+    """What an actor needs to rebuild the driver's model exactly: its class, config, dtype and weights. (The module
+    itself is not sent: transformers' forward hooks on a model that has run do not pickle.)"""
+
+    cls: type
+    config: Any
+    dtype: torch.dtype
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> PortableModel:
+        if any(isinstance(module, QuantizedLinear) for module in model.modules()):
+            raise WeightwiseError("the ray engine scores float models: use the local engine for a quantized one")
+        return cls(type(model), model.config, next(model.parameters()).dtype, model.state_dict())
+
+    def build(self) -> nn.Module:
+        model = self.cls(self.config).to(self.dtype)
+        model.load_state_dict(self.state)
+        return model.eval()
 
 
 def score_on_ray(work: ScoringWork, context: ScoringContext, config: SelectConfig) -> None:
@@ -73,8 +94,8 @@ def _score(ray, work: ScoringWork, context: ScoringContext, workers: int) -> Non
         jobs.append(([dataclasses.replace(ex, record={}) for ex in examples],
                      [s.label for s in work.scorers if s.cache.missing(keys)]))
     scorers = [dataclasses.replace(s, cache=_Unscored(), seconds=0.0, scored=0) for s in work.scorers]
-    with _without_output_capture(context.model):  # one object, so states that hold the model share its one copy
-        payload = ray.put((dataclasses.replace(context, embed=None), scorers, jobs))
+    model = PortableModel.of(context.model) if context.model is not None else None
+    payload = ray.put((dataclasses.replace(context, model=None, embed=None, pool=[]), model, scorers, jobs))
 
     dataset = ray.data.from_items([{"batch": number} for number in range(len(jobs))], override_num_blocks=len(jobs))
     scored = dataset.map_batches(_BatchScorer, batch_size=1, batch_format="numpy",
@@ -92,41 +113,6 @@ def _score(ray, work: ScoringWork, context: ScoringContext, workers: int) -> Non
             done += 1
             if done % 10 == 0 or done == len(jobs):
                 logger.info("scored %d of %d batches", done, len(jobs))
-
-
-@contextmanager
-def _without_output_capture(model: nn.Module | None) -> Iterator[None]:
-    """``model`` without transformers' output-capturing forward hooks while it is serialized: they close over a
-    ContextVar (they do not pickle), and each process installs its own on its first forward."""
-    saved = []
-    for module in model.modules() if model is not None else ():
-        hooks = module._forward_hooks.copy()
-        capturing = [key for key, hook in hooks.items() if getattr(hook, "__module__", None) == CAPTURE_MODULE]
-        if capturing or CAPTURE_FLAG in module.__dict__:
-            saved.append((module, module.__dict__.pop(CAPTURE_FLAG, None), hooks))
-            for key in capturing:
-                del module._forward_hooks[key]
-    try:
-        yield
-    finally:
-        for module, flag, hooks in saved:
-            if flag is not None:
-                setattr(module, CAPTURE_FLAG, flag)
-            module._forward_hooks.clear()
-            module._forward_hooks.update(hooks)  # in place and in order: hook handles keep working
-
-
-def _register_model_classes(model: nn.Module | None) -> None:
-    """Construct each transformers model class of ``model`` once in this process, on the meta device (no memory):
-    an unpickled model skips ``__init__``, where transformers registers which outputs (hidden states) its
-    forward can record; without it ``output_hidden_states`` returns None."""
-    from transformers import PreTrainedModel
-
-    modules = model.modules() if model is not None else ()
-    classes = {type(module): module.config for module in modules if isinstance(module, PreTrainedModel)}
-    for cls, config in classes.items():
-        with torch.device("meta"):
-            cls(copy.deepcopy(config))
 
 
 def _share(total: float, workers: int) -> float:
@@ -149,9 +135,8 @@ class _BatchScorer:
         import ray
 
         torch.set_num_threads(threads)
-        context, scorers, jobs = ray.get(payload)
-        _register_model_classes(context.model)
-        self.context: ScoringContext = context
+        context, model, scorers, jobs = ray.get(payload)
+        self.context: ScoringContext = dataclasses.replace(context, model=model.build() if model is not None else None)
         self.scorers: dict[str, PreparedScorer] = {s.label: s for s in scorers}
         self.jobs: list[tuple[list[PoolExample], list[str]]] = jobs
 

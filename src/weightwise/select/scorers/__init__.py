@@ -33,6 +33,7 @@ class _Scorer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: ClassVar[Literal["batch", "pool"]] = "batch"
     needs_target: ClassVar[bool] = False
+    reads_pool: ClassVar[bool] = False  # a batch scorer whose prepared state depends on the pool (part of its cache key)
 
     weight: float = Field(1.0, gt=0, description="Share of this scorer in the weighted rank average.")
 
@@ -91,12 +92,15 @@ class LESSConfig(_Scorer):
 
     name: Literal["less"] = "less"
     needs_target: ClassVar[bool] = True
+    reads_pool: ClassVar[bool] = True
     prefer: Prefer = Field("high", description="high: gradients most aligned with the target set's.")
     lora_rank: int = Field(8, ge=1, description="Rank of the LoRA adapters whose gradients are the features.")
     targets: list[str] = Field(default_factory=lambda: [r"\.self_attn\.(q|v)_proj$"],
                                description="Regexes of Linear module names that get adapters.")
     projection_dim: int = Field(1024, ge=8, description="Dimension of the random projection of the gradients.")
-    warmup_steps: int = Field(8, ge=0, description="Adam warm-up steps on the target set for the optimizer moments (0: SGD features).")
+    warmup_steps: int = Field(8, ge=0, description="Adam warm-up steps of the adapters, for the optimizer moments (0: plain gradient features).")
+    warmup_examples: int = Field(64, ge=1, description="Size of the seeded sample of the pool the warm-up trains on (LESS warms up on "
+                                 "a small share of the training pool).")
     seed: int = Field(0, description="Seed of the adapters' init and the projection.")
 
 

@@ -11,9 +11,9 @@ LESS (Xia et al. 2024, arXiv 2402.04333) as written here:
 - adapters: rank ``lora_rank``, A Kaiming-uniform (peft's init, seeded), B zero, scale 4 (LESS's
   lora_alpha 512 / r 128);
 - warm-up: ``warmup_steps`` Adam steps (lr 2e-5, betas (0.9, 0.999), LESS's values) of the adapters on
-  the **target set**, cycling through its batches: a scorer's ``prepare`` sees the target set but not the
-  pool, so the paper's warm-up on a 5% sample of the training pool is not available. One checkpoint (the
-  end of the warm-up), not the paper's four per-epoch checkpoints;
+  a seeded sample of ``warmup_examples`` pool examples (the paper warms up on 5 % of the training pool),
+  cycling through its batches; on the target set when the context has no pool. One checkpoint (the end of
+  the warm-up), not the paper's four per-epoch checkpoints;
 - features: per-example gradients of the example's mean NLL w.r.t. all A and B, computed for a whole
   batch at once from the Linears' inputs X and output gradients G (dB = s·Gᵀ(XAᵀ), dA = s·(GB)ᵀX, per
   example, so padding changes nothing). Pool examples get the Adam update direction m′/√(v′+ε) with the
@@ -25,10 +25,10 @@ LESS (Xia et al. 2024, arXiv 2402.04333) as written here:
 - score: cosine of the unit projected feature to the unit mean of the unit target features (so ranking
   by it ranks by the mean cosine to the target examples, LESS's score for one task).
 
-Measured caveat: moments from a short warm-up on the target set make the momentum term lean every pool
-feature toward the target's mean gradient, and the scores bunch up (SmolLM2-135M, 8 arithmetic targets,
-8 steps: arithmetic examples 0.52–0.55, others 0.48–0.53; with ``warmup_steps=0`` 0.40–0.63 against
-−0.06–0.27). The paper's warm-up on a sample of the pool would need the scoring context to carry one.
+Measured: moments from a warm-up on the target set itself make the momentum term lean every pool feature
+toward the target's mean gradient, and the scores bunch up (SmolLM2-135M, 8 arithmetic targets, 8 steps:
+arithmetic examples 0.52–0.55, others 0.48–0.53; with ``warmup_steps=0`` 0.40–0.63 against −0.06–0.27),
+which is why the warm-up samples the pool, as the paper does.
 """
 
 from __future__ import annotations
@@ -249,6 +249,14 @@ def warm_up(model: nn.Module, adapters: LoRAAdapters, batches: list, steps: int,
                  for key in ("exp_avg", "exp_avg_sq"))
 
 
+def warmup_batches(ctx, config, generator: torch.Generator) -> list:
+    """Batches of a seeded sample of ``warmup_examples`` pool examples (those within max_length)."""
+    if not ctx.pool:
+        return []
+    order = torch.randperm(len(ctx.pool), generator=generator)[: config.warmup_examples].sort().values
+    return [b for b in ctx.batches([ctx.pool[i] for i in order.tolist()]) if b.fits.any()]
+
+
 def prepare_less(config, ctx) -> LESSState:
     """Seeded adapters and sketch, the warm-up's Adam moments and the target set's unit mean gradient feature."""
     if not ctx.targets:
@@ -264,7 +272,8 @@ def prepare_less(config, ctx) -> LESSState:
     exp_avg = exp_avg_sq = None
     with gradients_of(ctx.model, []):
         if config.warmup_steps:
-            exp_avg, exp_avg_sq = warm_up(ctx.model, adapters, batches, config.warmup_steps, device)
+            exp_avg, exp_avg_sq = warm_up(ctx.model, adapters, warmup_batches(ctx, config, generator) or batches,
+                                          config.warmup_steps, device)
         features = torch.cat([sketch(example_lora_grads(b, adapters, b.encoded, device)) for b in batches])
     return LESSState(adapters, exp_avg, exp_avg_sq, sketch, F.normalize(features.mean(0), dim=0))
 
