@@ -12,7 +12,6 @@ import hashlib
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from weightwise.select.batch import ScoringContext
 from weightwise.select.cache import ScoreCache
 from weightwise.select.combine import rank_average
 from weightwise.select.config import SelectConfig
-from weightwise.select.engine import PreparedScorer, pending_work, score_local
+from weightwise.select.engine import PreparedScorer, ScoringStats, pending_work, score_local
 from weightwise.select.filters import contaminated, exact_duplicates, near_duplicates
 from weightwise.select.pool import Pool, PoolExample, read_pool
 from weightwise.select.report import Selection, write_selection
@@ -32,16 +31,6 @@ from weightwise.select.scorers import scorer_handler
 from weightwise.select.selectors import SelectionRequest, budget_count, run_selector
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScoringStats:
-    """Wall-clock seconds and examples scored per scorer (model loading and preparation counted apart)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    examples: dict[str, int] = field(default_factory=dict)
-    prepare_seconds: dict[str, float] = field(default_factory=dict)
-    reused: dict[str, int] = field(default_factory=dict)
 
 
 def select(

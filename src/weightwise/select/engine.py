@@ -35,6 +35,16 @@ class PreparedScorer:
     scored: int = 0
 
 
+@dataclass
+class ScoringStats:
+    """Wall-clock seconds and examples scored per scorer (model loading and preparation counted apart)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)
+    prepare_seconds: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ScoringWork:
     """What an engine runs: the scorers and the batches (each a list of pool examples) still missing a score."""

@@ -8,13 +8,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from weightwise.io.artifacts import atomic_output_dir, file_sha256, write_manifest
 from weightwise.select.config import SelectConfig
+from weightwise.select.engine import ScoringStats
 from weightwise.select.pool import Pool
 
 SELECTION_KIND = "selection"
@@ -34,7 +34,7 @@ class Selection:
     chosen: np.ndarray
     reasons: dict[int, str]
     candidates: np.ndarray
-    stats: Any
+    stats: ScoringStats
     seconds: float
     model_fingerprint: str | None
 
