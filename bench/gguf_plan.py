@@ -24,8 +24,9 @@ import llama_cpp
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export import gguf_layout, llama_ppl, llama_quantize  # noqa: E402  (bench/export.py: the llama.cpp harness)
+from export import gguf_layout, layout_label, llama_ppl, llama_quantize  # noqa: E402  (bench/export.py: the llama.cpp harness)
 
+from weightwise.errors import WeightwiseError  # noqa: E402
 from weightwise.evaluate import evaluate, token_windows  # noqa: E402
 from weightwise.evaluate.config import EvalConfig  # noqa: E402
 from weightwise.export import export  # noqa: E402
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-gguf-plan"))
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences of 512 tokens")
+    parser.add_argument("--reuse", action="store_true", help="measure weightwise plan files a killed run already wrote "
+                        "instead of quantizing again")
     parser.add_argument("--only", nargs="+", choices=list(K_QUANTS), default=list(K_QUANTS), help="llama.cpp files to match")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -69,6 +72,8 @@ def main() -> None:
     n_linear = sum(m.weight.numel() for name, m in model.named_modules()
                    if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear))
     fixed_bytes = fixed["file_bytes"] - fixed["linear_bpw"] * n_linear / 8
+    out = RESULTS / ("gguf-plan-quick.json" if args.quick else "gguf-plan.json")
+    settings = {"max_tokens": max_tokens, "calibration": calib, "candidates": CANDIDATES, "windows": int(windows.shape[0])}
     for name in args.only:
         ftype = K_QUANTS[name]
         theirs = args.runs / f"llama-{name}.gguf"
@@ -79,25 +84,37 @@ def main() -> None:
         target_bpw = (layout["file_bytes"] - fixed_bytes - ALIGNMENT_MARGIN) * 8 / n_linear
         recipe = {"method": {"name": "gptq", "clip_search": True, "refit_scales": True},
                   "target_bpw": target_bpw, "plan_storage": "gguf", "candidates": CANDIDATES, "calibration": calib}
-        started = time.perf_counter()
-        qmodel = quantize(model, recipe, tokenizer=tokenizer)
-        quantize_seconds = time.perf_counter() - started
         ours = args.runs / f"weightwise-plan-{name}.gguf"
-        our_layout = write_gguf(qmodel, tokenizer, ours, embeddings="q8_0")
-        rows.append({"name": f"weightwise plan ≤ {name} size", "where": "llama.cpp", **our_layout,
-                     "ppl": llama_ppl(ours, windows)["ppl"], "quantize_seconds": quantize_seconds,
-                     "weightwise_ppl": evaluate(qmodel, tokenizer, text=text, max_tokens=max_tokens, measure_speed=False).ppl,
-                     "target_bpw": target_bpw, "formats": quantization_record(qmodel).format_label,
-                     "fits": our_layout["file_bytes"] <= layout["file_bytes"], "beats": None})
-        rows[-1]["beats"] = rows[-1]["ppl"] < rows[-2]["ppl"]
-        del qmodel
-    out = RESULTS / ("gguf-plan-quick.json" if args.quick else "gguf-plan.json")
-    write_json_atomic(out, {"settings": {"max_tokens": max_tokens, "calibration": calib, "candidates": CANDIDATES,
-                                         "windows": int(windows.shape[0])}, "versions": environment_versions(), "rows": rows})
+        row = {"name": f"weightwise plan ≤ {name} size", "where": "llama.cpp", "target_bpw": target_bpw}
+        if args.reuse and ours.is_file():  # a file a killed run already wrote: measure it again in llama.cpp
+            our_layout = gguf_layout(ours)
+            row.update({**our_layout, "ppl": llama_ppl(ours, windows)["ppl"], "reused_file": True,
+                        "formats": layout_label(our_layout)})
+        else:
+            started = time.perf_counter()
+            try:
+                qmodel = quantize(model, recipe, tokenizer=tokenizer)
+            except WeightwiseError as err:  # e.g. a budget below the smallest exact type: recorded, not hidden
+                rows.append({**row, "infeasible": str(err)})
+                write_json_atomic(out, {"settings": settings, "versions": environment_versions(), "rows": rows})
+                continue
+            quantize_seconds = time.perf_counter() - started
+            our_layout = write_gguf(qmodel, tokenizer, ours, embeddings="q8_0")
+            row.update({**our_layout, "ppl": llama_ppl(ours, windows)["ppl"], "quantize_seconds": quantize_seconds,
+                        "weightwise_ppl": evaluate(qmodel, tokenizer, text=text, max_tokens=max_tokens, measure_speed=False).ppl,
+                        "formats": quantization_record(qmodel).format_label})
+            del qmodel
+        row["fits"] = row["file_bytes"] <= layout["file_bytes"]
+        row["beats"] = row["ppl"] < rows[-1]["ppl"]
+        rows.append(row)
+        write_json_atomic(out, {"settings": settings, "versions": environment_versions(), "rows": rows})
     print(f"SmolLM2-135M-Instruct, perplexity in llama.cpp on {windows.shape[0]} × 512 eval tokens (source F32 export: "
           f"{source['ppl']:.3f})\n")
     print("| file | MB | linear b/w | linear types | ppl (llama.cpp) | ppl (weightwise) | fits / beats |\n|---|---:|---:|---|---:|---:|---|")
     for row in rows:
+        if "infeasible" in row:
+            print(f"| {row['name']} | – | {row['target_bpw']:.3f} | infeasible: {row['infeasible']} | – | – | – |")
+            continue
         types = ", ".join(f"{n} {t}" for t, n in sorted(row["linear_types"].items(), key=lambda kv: -kv[1]))
         verdict = "" if row.get("fits") is None else f"{'fits' if row['fits'] else 'TOO BIG'} / {'beats' if row['beats'] else 'does not beat'}"
         ww = f"{row['weightwise_ppl']:.3f}" if "weightwise_ppl" in row else ""
