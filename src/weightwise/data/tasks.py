@@ -311,6 +311,14 @@ def encode_example(example: Example | str, tokenizer, max_length: int = 256) -> 
     return {"input_ids": torch.tensor(context + answer), "labels": torch.tensor([IGNORE_INDEX] * len(context) + answer)}
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence, else its unknown token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
 def collate(batch: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of encoded examples: ``input_ids`` with ``pad_token_id``, ``attention_mask``
     1 on real tokens, ``labels`` -100 on padding. Tensors are ``(B, longest)`` int64."""

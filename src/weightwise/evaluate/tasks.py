@@ -9,7 +9,7 @@ from decimal import Decimal, InvalidOperation
 import torch
 from torch import nn
 
-from weightwise.data.tasks import Example, prompt_ids, stop_token_ids
+from weightwise.data.tasks import Example, pad_id, prompt_ids, stop_token_ids
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.speed import eval_mode
 from weightwise.qlinear import dequantized_once
@@ -85,13 +85,13 @@ def exact_match(
         raise WeightwiseError("batch_size and max_new_tokens must be at least 1")
     prompts = [prompt_ids(tokenizer, example) for example in examples]
     stops = stop_token_ids(tokenizer, examples[0]) + _model_eos_ids(model)
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     answers: list[str] = [""] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths → less padding
     with eval_mode(model), dequantized_once(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            generated = _greedy(model, [prompts[i] for i in rows], pad_id, stops, max_new_tokens)
+            generated = _greedy(model, [prompts[i] for i in rows], pad, stops, max_new_tokens)
             for i, ids in zip(rows, generated):
                 answers[i] = tokenizer.decode(_until_stop(ids, stops), skip_special_tokens=True)
     correct = [normalize_answer(got) == normalize_answer(ex.response) for got, ex in zip(answers, examples)]
@@ -109,20 +109,20 @@ def exact_match(
 
 
 def _greedy(
-    model: nn.Module, prompts: list[list[int]], pad_id: int, stops: list[int], max_new_tokens: int
+    model: nn.Module, prompts: list[list[int]], pad: int, stops: list[int], max_new_tokens: int
 ) -> list[list[int]]:
     """Greedy continuations (new token ids only) of left-padded ``prompts``."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     device = next(model.parameters()).device
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops or None, pad_token_id=pad_id
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops or None, pad_token_id=pad
     )
     output = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
@@ -143,8 +143,3 @@ def _model_eos_ids(model: nn.Module) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if candidate is not None:
-            return candidate
-    return 0

@@ -70,10 +70,11 @@ def select(
         if tokenizer is None:
             raise WeightwiseError(f"model {config.model} has no tokenizer: model-based scorers need one")
         context.model, context.tokenizer = model, tokenizer
+    fingerprint = state_dict_fingerprint(model) if config.needs_model else None  # guards the score cache
     embeddings = _LazyEmbeddings(pool, eligible)
     context.embed = embeddings.embed
 
-    scores, stats = score_pool(pool, eligible, config, context, cache_folder)
+    scores, stats = score_pool(pool, eligible, config, context, cache_folder, fingerprint)
     no_score = {ex.index for ex in eligible for label, values in scores.items() if np.isnan(values[ex.index])}
     for ex in eligible:
         if ex.index in no_score:
@@ -99,7 +100,7 @@ def select(
     chosen = run_selector(config.selector, request)
     selection = Selection(pool=pool, config=config, scores=scores, combined=combined, chosen=chosen, reasons=reasons,
                           candidates=candidates, stats=stats, seconds=time.perf_counter() - started,
-                          model_fingerprint=model_fingerprint(context.model))
+                          model_fingerprint=fingerprint)
     write_selection(selection, out, overwrite=overwrite)
     shutil.rmtree(cache_folder, ignore_errors=True)
     return selection
@@ -126,14 +127,13 @@ def filter_pool(pool: Pool, config: SelectConfig) -> dict[int, str]:
 
 
 def score_pool(pool: Pool, eligible: list[PoolExample], config: SelectConfig, context: ScoringContext,
-               cache_folder: Path) -> tuple[dict[str, np.ndarray], ScoringStats]:
+               cache_folder: Path, fingerprint: str | None) -> tuple[dict[str, np.ndarray], ScoringStats]:
     """Per scorer label, the scores of every pool index (NaN where not scored); batch scorers run through the
-    engine with their caches, pool scorers on the eligible examples."""
+    engine with their caches (keyed by the model's ``fingerprint``), pool scorers on the eligible examples."""
     labels = _labels(config)
     stats = ScoringStats()
     scores: dict[str, np.ndarray] = {}
     prepared: list[PreparedScorer] = []
-    fingerprint = model_fingerprint(context.model) if config.needs_model else None
     for label, scorer in zip(labels, config.scorers):
         handler = scorer_handler(scorer)
         start = time.perf_counter()
@@ -164,11 +164,6 @@ def score_pool(pool: Pool, eligible: list[PoolExample], config: SelectConfig, co
             stats.examples[scorer.label] = scorer.scored
             scores[scorer.label] = _spread(len(pool), eligible, scorer.cache.lookup([ex.key for ex in eligible]))
     return {label: scores[label] for label in labels}, stats
-
-
-def model_fingerprint(model: nn.Module | None) -> str | None:
-    """The weights' fingerprint (the score cache's guard against a changed model)."""
-    return None if model is None else state_dict_fingerprint(model)
 
 
 def _labels(config: SelectConfig) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightwise.data.tasks import IGNORE_INDEX, answer_split, collate, encode_example
+from weightwise.data.tasks import IGNORE_INDEX, answer_split, collate, encode_example, pad_id
 from weightwise.errors import WeightwiseError
 from weightwise.select.pool import PoolExample
 
@@ -61,13 +61,8 @@ class ModelBatch:
         self.fits = np.array([item is not None for item in encoded], dtype=bool)
         self.encoded = [item for item in encoded if item is not None]
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-
     def collated(self, items: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        return collate(self.encoded if items is None else items, self.pad_id)
+        return collate(self.encoded if items is None else items, pad_id(self.tokenizer))
 
     def run(self, batch: dict[str, torch.Tensor], grad: bool = False) -> Forward:
         """A forward pass of the model on a collated batch."""
@@ -85,7 +80,7 @@ class ModelBatch:
     @cached_property
     def unconditioned(self) -> Forward:
         """The response alone, after one start token: the same scored tokens as :attr:`conditioned`."""
-        start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
+        start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else pad_id(self.tokenizer)]
         items = []
         for ex, fits in zip(self.examples, self.fits):
             if not fits:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from weightwise.architectures import family_of, matches
-from weightwise.data.tasks import encode_examples, task_examples
+from weightwise.data.tasks import encode_examples, pad_id, task_examples
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import MANIFEST_NAME, TUNE_RUN_KIND, state_dict_fingerprint, write_json_atomic, write_manifest
 from weightwise.tune.checkpoint import TuneCheckpoints, set_rng_state
@@ -56,13 +56,6 @@ def target_modules(model: nn.Module, config: TuneConfig) -> dict[str, nn.Linear]
     if not found:
         raise WeightwiseError("no Linear layer matches the tune targets; check the --targets patterns")
     return found
-
-
-def pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
 
 
 def tune(
@@ -126,7 +119,7 @@ def tune(
                 log.write(record)
                 report("train", record["step"], record["total"], record)
 
-            summary = train(trained_model, method, encoded, config, pad_token_id=pad_token_id(tokenizer),
+            summary = train(trained_model, method, encoded, config, pad_token_id=pad_id(tokenizer),
                             start_step=resume["step"] if resume else 0, comm=comm, checkpoints=checkpoints,
                             checkpoint_info={"config": config.model_dump(), "before": before}, on_step=on_step,
                             on_checkpoint=lambda step, path: report("train", step, schedule.total_steps,
