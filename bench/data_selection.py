@@ -59,6 +59,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,7 @@ THREADS = 2
 SCORERS = ("loss", "el2n", "ifd", "grand", "dsir", "rds", "less", "length", "prototype")
 ARMS = ("random", *SCORERS, "kcenter", "oracle", "full")
 SELECTORS = (*SCORERS, "kcenter")  # the arms that compete for "best"
+SEED_DRAWN = ("random", "kcenter", "oracle")  # arms whose selection is drawn again per seed
 QUICK_ARMS = ("random", "ifd", "oracle")
 BUDGET, BEST_BUDGET = 0.10, 0.25
 # Learning rate of LIFT in bench/tune.py; TuneConfig's other defaults (density 5 %, constant schedule, clip 1.0).
@@ -294,7 +296,29 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
 
 
 def prepare_data(args, work: Path) -> dict:
-    """Write pool.jsonl, truth.jsonl, dev.jsonl and test.jsonl under ``work``; return their description."""
+    """Write pool.jsonl, truth.jsonl, dev.jsonl and test.jsonl under ``work``; return their description.
+
+    The description is kept in ``work/data.json`` and reused while its settings and files are unchanged (the
+    pool is deterministic, but building it needs mathematics_dataset and takes a while)."""
+    key = {"pool": args.pool, "pool_seed": args.pool_seed, "dev_problems": args.dev_problems,
+           "test_problems": args.test_problems}
+    stored = work / "data.json"
+    if stored.is_file():
+        kept = json.loads(stored.read_text())
+        if kept["key"] == key and all(Path(path).is_file() and file_sha256(Path(path)) == kept["data"]["sha256"][name]
+                                      for name, path in kept["data"]["files"].items()):
+            return kept["data"]
+    data = build_data(args, work)
+    write_json_atomic(stored, {"key": key, "data": data})
+    return data
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_data(args, work: Path) -> dict:
+    """The pool, truth, dev and test files of ``prepare_data``, built."""
     started = time.perf_counter()
     pool, truth = build_pool(args.pool, args.pool_seed)
     pool_seconds = time.perf_counter() - started
@@ -378,6 +402,14 @@ def composition(indices: list[int], truth: list[dict]) -> dict:
 # --- arms -----------------------------------------------------------------------------------------
 
 
+def load(ctx: dict):
+    """A fresh copy of the benchmark's model and its tokenizer, on ``--device``."""
+    from weightwise.io.models import load_model
+
+    model, tokenizer = load_model(ctx["args"].model)
+    return model.to(ctx["args"].device), tokenizer
+
+
 def arm_name(arm: str, fraction: float, seed: int) -> str:
     return f"{arm}@{round(fraction * 100)}%#s{seed}"
 
@@ -420,9 +452,7 @@ def select_arm(ctx: dict, arm: str, k: int, seed: int, out: Path) -> tuple[Path,
     config = SelectConfig(**fields)
     model = tokenizer = None
     if config.needs_model:  # a fresh copy: gradient scorers must not leave anything on the model that is tuned
-        from weightwise.io.models import load_model
-
-        model, tokenizer = load_model(ctx["args"].model)
+        model, tokenizer = load(ctx)
     started = time.perf_counter()
     selection = select(pool_path, out, config, model=model, tokenizer=tokenizer, overwrite=True)
     wall = time.perf_counter() - started
@@ -446,7 +476,6 @@ def select_arm(ctx: dict, arm: str, k: int, seed: int, out: Path) -> tuple[Path,
 
 def tune_arm(ctx: dict, train_file: Path, seed: int, out: Path) -> dict:
     """LIFT on ``train_file`` for the fixed steps; exact match on the test problems."""
-    from weightwise.io.models import load_model
     from weightwise.tune.api import tune
     from weightwise.tune.config import TuneConfig
 
@@ -455,14 +484,14 @@ def tune_arm(ctx: dict, train_file: Path, seed: int, out: Path) -> dict:
     config = TuneConfig(method="lift", task=str(train_file), train_examples=n_train, test_task=data["files"]["test"],
                         test_examples=data["n_test"], max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         seed=seed, max_new_tokens=args.max_new_tokens, eval_before=False, retention_max_tokens=0,
-                        checkpoint_every=args.checkpoint_every)
+                        checkpoint_every=args.checkpoint_every, eval_batch_size=args.eval_batch_size)
     config_file = out / "tune_config.json"
     finished = (out / "manifest.json").is_file() and (out / "metrics.json").is_file()
     same = config_file.is_file() and json.loads(config_file.read_text())["config"] == config.model_dump()
     if finished and same:
         metrics = json.loads((out / "metrics.json").read_text())
     else:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load(ctx)
         metrics = tune(model, tokenizer, config, out, overwrite=not same)
         del model
     train, after = metrics["train"], metrics["after"]["exact_match"]
@@ -502,6 +531,8 @@ def run_arm(ctx: dict, arm: str, fraction: float, seed: int) -> dict | None:
                 row["train_file"] = str(train_file)
             results["arms"][name] = row
             save(ctx)
+        if ctx["args"].select_only:
+            return row
         print(f"[{name}] tuning on {row['train_file']}", flush=True)
         row["tune"] = tune_arm(ctx, Path(row["train_file"]), seed, work / "tune" / name.replace("#", "-"))
     except Exception as err:  # noqa: BLE001 - one failing arm must not lose the others' hours
@@ -520,18 +551,56 @@ def run_arm(ctx: dict, arm: str, fraction: float, seed: int) -> dict | None:
     return row
 
 
+def run_arms(ctx: dict, specs: list[tuple[str, float, int]]) -> None:
+    """Run arms (arm, fraction, seed): one after another in this process, or ``--jobs`` at once, each in a worker
+    process of this script that starts from the results saved so far and writes its own; rows are merged here as
+    the workers finish, in submission order of priority."""
+    args, results = ctx["args"], ctx["results"]
+    if args.jobs <= 1 or args.select_only:
+        for spec in specs:
+            run_arm(ctx, *spec)
+        return
+    save(ctx)
+    folder = ctx["work"] / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def work(spec: tuple[str, float, int]) -> tuple[str, dict]:
+        name, key = arm_name(*spec), arm_key(args, ctx["data"], *spec)
+        row = results["arms"].get(name)
+        if row and row.get("key") == key and "tune" in row:
+            return name, row
+        stem = folder / name.replace("#", "-").replace("%", "pct")
+        out, log = stem.with_suffix(".json"), stem.with_suffix(".log")
+        with open(log, "a") as handle:
+            code = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", ":".join(map(str, spec)),
+                                   "--worker-out", str(out)], stdout=handle, stderr=subprocess.STDOUT).returncode
+        worker = json.loads(out.read_text()) if out.is_file() else {}
+        row = worker.get("arms", {}).get(name)
+        if not row or row.get("key") != key:
+            row = {"key": key, "error": f"worker exited with {code} before saving the arm; log {log}"}
+        return name, row
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in as_completed([pool.submit(work, spec) for spec in specs]):
+            name, row = future.result()
+            results["arms"][name] = row
+            save(ctx)
+            tuned = row.get("tune")
+            print(f"[{name}] " + (f"exact match {tuned['exact_match']:.3f}" if tuned else row.get("error", "no result")), flush=True)
+
+
 def base_accuracy(ctx: dict) -> dict:
     """Exact match of the untuned model on the test problems (once per test set)."""
     from weightwise.evaluate.tasks import exact_match
-    from weightwise.io.models import load_model
 
     args, data, results = ctx["args"], ctx["data"], ctx["results"]
     key = {"model": args.model, "test_sha256": data["sha256"]["test"], "max_new_tokens": args.max_new_tokens}
     if results.get("base", {}).get("key") == key:
         return results["base"]
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
-    result = exact_match(model, tokenizer, load_examples(data["files"]["test"]), max_new_tokens=args.max_new_tokens)
+    model, tokenizer = load(ctx)
+    result = exact_match(model, tokenizer, load_examples(data["files"]["test"]), max_new_tokens=args.max_new_tokens,
+                          batch_size=args.eval_batch_size)
     results["base"] = {"key": key, "exact_match": result["accuracy"], "n_correct": result["n_correct"],
                        "n_test": result["n"], "seconds": time.perf_counter() - started}
     save(ctx)
@@ -605,7 +674,6 @@ def summarize(ctx: dict) -> dict:
 
 def throughput(ctx: dict, n: int) -> dict:
     """Examples/s of weightwise's loss and ifd scorers and of wana's IFD scorer on the same ``n`` pool lines."""
-    from weightwise.io.models import load_model
     from weightwise.select import SelectConfig, scorer_config, select
 
     args, data = ctx["args"], ctx["data"]
@@ -615,7 +683,7 @@ def throughput(ctx: dict, n: int) -> dict:
     write_jsonl(folder / "examples-chat.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
                                                                {"role": "assistant", "content": r["response"]}]} for r in records])
     out: dict = {"n": n, "threads": THREADS}
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load(ctx)
     values = {}
     for name, scorer in (("loss", scorer_config("loss")), ("ifd", scorer_config("ifd", drop_above_one=False))):
         started = time.perf_counter()
@@ -711,7 +779,7 @@ def markdown(results: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, LIFT, {settings['steps']} steps × {settings['batch_size']} examples (lr {settings['lr']:g}); "
              f"pool {pool.get('n')} lines ({', '.join(f'{k} {v}' for k, v in pool.get('kinds', {}).items())}; "
              f"{pool.get('arithmetic_lines')} arithmetic), dev {pool.get('n_dev')}, test {pool.get('n_test')} held-out "
-             f"arithmetic problems; {THREADS} threads. Untuned model: exact match {_num(base.get('exact_match'))}.", "",
+             f"arithmetic problems; {THREADS} threads per arm on {settings.get('device', 'cpu')}, {settings.get('jobs', 1)} arm(s) at once. Untuned model: exact match {_num(base.get('exact_match'))}.", "",
              "| arm | budget | seed | examples | epochs | noise % | arithmetic % | clean arithmetic % | exact match | select s | "
              "scoring ex/s | AUROC (noise) | AUROC wrong / off-format / dup | dup filter recall | arm s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -779,12 +847,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--eval-batch-size", type=int, default=16, help="test prompts per generate call (more on a GPU)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the second phase (seed 0 is the screening run)")
     parser.add_argument("--wana-examples", type=int, default=500, help="examples of the throughput comparison (0: skip it)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/select.json; "
                         "--quick: select-quick.json); the Markdown goes beside it")
     parser.add_argument("--runs", type=Path, default=None, help="work folder (default runs/bench-select[-quick])")
     parser.add_argument("--report", action="store_true", help="only print (and rewrite) the Markdown of the JSON results")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--jobs", type=int, default=1, help="arms run at once, each in its own process (1 on 2 CPU "
+                        "cores; a GPU holds many: the small model's steps leave it mostly idle)")
+    parser.add_argument("--select-only", action="store_true", help="only the selections (the screening arms', the "
+                        "per-seed draws of random/oracle/kcenter and the 25 %% ones), no tuning: e.g. the arms that "
+                        "need no language model, on the CPU, before a GPU run")
+    parser.add_argument("--worker", metavar="ARM:FRACTION:SEED", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.pool, args.dev_problems, args.test_problems, args.steps, args.seeds = 300, 20, 50, 10, 1
@@ -816,22 +893,32 @@ def main() -> None:
                "throughput": previous.get("throughput")}
     ctx = {"args": args, "data": data, "results": results, "work": work, "out": out, "started": started,
            "versions": environment_versions()}
+    if args.worker:
+        arm, fraction, seed = args.worker.split(":")
+        ctx["out"] = args.worker_out
+        run_arm(ctx, arm, float(fraction), int(seed))
+        return
+    screen = [a for a in (QUICK_ARMS if args.quick else ARMS) if not args.only or a in args.only]
+    if args.select_only:
+        run_arms(ctx, [(arm, BUDGET, seed) for arm in screen for seed in (range(args.seeds) if arm in SEED_DRAWN else [0])]
+                 + [(arm, BEST_BUDGET, 0) for arm in screen if arm in SELECTORS])
+        save(ctx)
+        print(markdown(results))
+        return
     base = base_accuracy(ctx)
     print(f"untuned model: exact match {base['exact_match']:.3f} on {base['n_test']} test problems", flush=True)
 
-    screen = [a for a in (QUICK_ARMS if args.quick else ARMS) if not args.only or a in args.only]
-    for arm in screen:
-        run_arm(ctx, arm, BUDGET, 0)
+    # random's and the oracle's seeds do not wait for the screening: they run beside it
+    baselines = [] if args.screen_only else [(arm, BUDGET, seed) for seed in range(1, args.seeds)
+                                             for arm in ("random", "oracle") if arm in screen]
+    run_arms(ctx, [(arm, BUDGET, 0) for arm in screen] + baselines)
     candidates = tuple(a for a in SELECTORS if a in screen)
     results["best"] = best_selectors(results, candidates)[:2]
     save(ctx)
-    if results["best"]:
-        run_arm(ctx, results["best"][0], BEST_BUDGET, 0)
+    later = [(results["best"][0], BEST_BUDGET, 0)] if results["best"] else []
     if not args.screen_only:
-        for seed in range(1, args.seeds):
-            for arm in dict.fromkeys(["random", *results["best"], "oracle"]):
-                if arm in screen:
-                    run_arm(ctx, arm, BUDGET, seed)
+        later += [(arm, BUDGET, seed) for seed in range(1, args.seeds) for arm in results["best"]]
+    run_arms(ctx, later)
     if args.wana_examples:
         key = {"n": args.wana_examples, "pool_sha256": data["sha256"]["pool"], "wana_in_own_process": True}
         if (results.get("throughput") or {}).get("key") != key:

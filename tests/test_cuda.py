@@ -3,6 +3,7 @@ model stays in CPU memory, a killed GPU run resumes, and the CLI quantizes and t
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,49 @@ def test_cli_quantizes_and_tunes_on_the_gpu(capsys, monkeypatch, tiny_dir, tmp_p
     assert (tuned / "patch.safetensors").is_file(), sorted(p.name for p in tuned.iterdir())
     train = json.loads((tuned / "metrics.json").read_text())["train"]
     assert train["steps_run"] == 6 and train["loss_last"] < train["loss_first"]
+
+
+MODEL_SCORERS = ("loss", "el2n", "ifd", "grand", "rds", "less")
+
+
+@pytest.mark.parametrize("scorer", MODEL_SCORERS)
+def test_select_scores_on_the_gpu_equal_the_cpu_ones(scorer, tmp_path):
+    from conftest import tiny_tokenizer
+
+    from weightwise.select import SelectConfig, scorer_config, select
+
+    problems = [(f"What is {a} + {b}?", str(a + b)) for a in range(3, 9) for b in (4, 17)]
+    pool, target = tmp_path / "pool.jsonl", tmp_path / "target.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in problems))
+    target.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in problems[:3]))
+    settings = scorer_config(scorer, drop_above_one=False) if scorer == "ifd" else scorer_config(scorer)
+    config = SelectConfig(scorers=[settings], budget=4, dedup="none",
+                          target=str(target) if settings.needs_target else None)
+    scores = {}
+    for run, device in enumerate(("cpu", "cuda")):
+        selection = select(pool, tmp_path / f"run{run}", config, model=tiny_model().to(device), tokenizer=tiny_tokenizer())
+        scores[device] = np.asarray(selection.scores[scorer], dtype=float)
+    assert np.isfinite(scores["cpu"]).all()
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=2e-3, atol=1e-5)
+
+
+def test_lift_tunes_and_evaluates_a_model_on_the_gpu(tmp_path):
+    from conftest import tiny_tokenizer
+
+    from weightwise.evaluate.tasks import exact_match
+    from weightwise.data.tasks import load_examples
+    from weightwise.tune.api import tune
+    from weightwise.tune.config import TuneConfig
+
+    task = tmp_path / "toy.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(11, 27)))
+    config = TuneConfig(method="lift", task=str(task), train_examples=16, test_task=str(task), test_examples=16,
+                        max_steps=6, batch_size=8, lr=5e-3, density=0.1, filter_rank=8, eval_before=False,
+                        retention_max_tokens=0, max_new_tokens=4)
+    model = tiny_model().to("cuda")
+    metrics = tune(model, tiny_tokenizer(), config, tmp_path / "run")
+    assert metrics["train"]["steps_run"] == 6 and metrics["train"]["loss_last"] < metrics["train"]["loss_first"]
+    assert next(model.parameters()).device.type == "cuda"
+    on_gpu = exact_match(model, tiny_tokenizer(), load_examples(task), max_new_tokens=4)
+    on_cpu = exact_match(model.cpu(), tiny_tokenizer(), load_examples(task), max_new_tokens=4)
+    assert on_gpu["n"] == on_cpu["n"] == 16 and abs(on_gpu["n_correct"] - on_cpu["n_correct"]) <= 1
