@@ -459,6 +459,7 @@ def select_arm(ctx: dict, arm: str, k: int, seed: int, out: Path) -> tuple[Path,
     del model
     chosen = sorted(int(i) for i in selection.chosen)
     record = {"config": config.model_dump(mode="json"), "composition": composition(chosen, truth), "seconds": wall,
+              "device": ctx["args"].device, "arms_at_once": ctx["args"].jobs,
               "select_seconds": selection.seconds, "eligible": int(len(selection.candidates))}
     if config.dedup != "none":
         record["filters"] = filter_stats(selection.reasons, kinds)
@@ -549,6 +550,14 @@ def run_arm(ctx: dict, arm: str, fraction: float, seed: int) -> dict | None:
     print(f"[{name}] exact match {row['tune']['exact_match']:.3f} ({row['tune']['n_correct']}/{row['tune']['n_test']}), "
           f"{row['arm_seconds']:.0f} s", flush=True)
     return row
+
+
+def parse_spec(spec: str) -> tuple[str, float, int]:
+    """``ARM:FRACTION:SEED`` → (arm, fraction, seed)."""
+    arm, fraction, seed = spec.split(":")
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm {arm!r} in {spec!r}: one of {', '.join(ARMS)}")
+    return arm, float(fraction), int(seed)
 
 
 def run_arms(ctx: dict, specs: list[tuple[str, float, int]]) -> None:
@@ -773,6 +782,12 @@ def _num(value, fmt=".3f") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def where(selection: dict) -> str:
+    """Where a selection was computed, when not on this benchmark's CPU threads."""
+    device = selection.get("device", "cpu")
+    return "" if device == "cpu" else f" ({device}, {selection.get('arms_at_once', 1)} arms at once)"
+
+
 def markdown(results: dict) -> str:
     settings, pool = results["settings"], results.get("pool", {})
     base = results.get("base", {})
@@ -792,7 +807,8 @@ def markdown(results: dict) -> str:
             f"{_num(tun and tun['epochs'], '.2f')} | {_pct(comp.get('noise_share'))} | {_pct(comp.get('arithmetic_share'))} | "
             f"{_pct(comp.get('clean_arithmetic_share'))} | "
             f"{_num(tun and tun['exact_match']) if tun else ('error: ' + row['error'][:60] if 'error' in row else 'pending')} | "
-            f"{_num(sel.get('seconds'), '.1f')}{' (reused)' if 'reused_from' in sel else ''} | {_num(sc.get('examples_per_second'), '.1f')} | "
+            f"{_num(sel.get('seconds'), '.1f')}{' (reused)' if 'reused_from' in sel else ''}{where(sel)} | "
+            f"{_num(sc.get('examples_per_second'), '.1f')} | "
             f"{_num(det and det['auroc'])} | {' / '.join(_num(kinds.get(k)) for k in ('wrong', 'off_format', 'duplicate')) if det else '–'} | "
             f"{_num((sel.get('filters') or {}).get('recall'), '.2f')} | {_num(row.get('arm_seconds'), '.0f')} |")
     lines += ["", "AUROC: P(a noisy line is ranked less preferred than a clean one under the scorer's default `prefer`) over "
@@ -860,6 +876,8 @@ def main() -> None:
     parser.add_argument("--select-only", action="store_true", help="only the selections (the screening arms', the "
                         "per-seed draws of random/oracle/kcenter and the 25 %% ones), no tuning: e.g. the arms that "
                         "need no language model, on the CPU, before a GPU run")
+    parser.add_argument("--plan", nargs="+", metavar="ARM:FRACTION:SEED", help="run exactly these arms, in this order "
+                        "(e.g. random:0.1:0 rds:0.1:0 random:0.1:1): the protocol's arms in the order of their value")
     parser.add_argument("--worker", metavar="ARM:FRACTION:SEED", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -894,11 +912,17 @@ def main() -> None:
     ctx = {"args": args, "data": data, "results": results, "work": work, "out": out, "started": started,
            "versions": environment_versions()}
     if args.worker:
-        arm, fraction, seed = args.worker.split(":")
         ctx["out"] = args.worker_out
-        run_arm(ctx, arm, float(fraction), int(seed))
+        run_arm(ctx, *parse_spec(args.worker))
         return
     screen = [a for a in (QUICK_ARMS if args.quick else ARMS) if not args.only or a in args.only]
+    if args.plan:
+        base = base_accuracy(ctx)
+        run_arms(ctx, [parse_spec(spec) for spec in args.plan])
+        results["best"] = best_selectors(results, SELECTORS)[:2]
+        save(ctx)
+        print(markdown(results))
+        return
     if args.select_only:
         run_arms(ctx, [(arm, BUDGET, seed) for arm in screen for seed in (range(args.seeds) if arm in SEED_DRAWN else [0])]
                  + [(arm, BEST_BUDGET, 0) for arm in screen if arm in SELECTORS])
@@ -915,9 +939,8 @@ def main() -> None:
     candidates = tuple(a for a in SELECTORS if a in screen)
     results["best"] = best_selectors(results, candidates)[:2]
     save(ctx)
-    later = [(results["best"][0], BEST_BUDGET, 0)] if results["best"] else []
-    if not args.screen_only:
-        later += [(arm, BUDGET, seed) for seed in range(1, args.seeds) for arm in results["best"]]
+    later = [] if args.screen_only else [(arm, BUDGET, seed) for seed in range(1, args.seeds) for arm in results["best"]]
+    later += [(results["best"][0], BEST_BUDGET, 0)] if results["best"] else []
     run_arms(ctx, later)
     if args.wana_examples:
         key = {"n": args.wana_examples, "pool_sha256": data["sha256"]["pool"], "wana_in_own_process": True}
