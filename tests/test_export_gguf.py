@@ -83,6 +83,27 @@ def test_qwen2_biases_and_untied_output_are_exported(tmp_path):
     assert names["output.weight"].max_abs_diff > 0  # llama.cpp's Q8_0 rounding of a float matrix, reported
 
 
+@pytest.mark.parametrize("kind", ["q5_0", "q4_0", "iq4_nl"])
+def test_embeddings_in_a_smaller_block_type_are_rounded_to_nearest_and_read_back(tmp_path, kind):
+    """Block-type embeddings (to fit a file-size budget): weightwise's round-to-nearest grid, which gguf-py
+    dequantizes to the values the report measured against the float embeddings."""
+    import gguf
+
+    from weightwise.export.gguf import NATIVE_SPECS
+    from weightwise.formats.quantizer import dequantize, quantize_tensor
+
+    qmodel = quantize(llama(), {"format": "int4", "group_size": 32})
+    report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings=kind))
+    embd = next(t for t in report.tensors if t.gguf_name == "token_embd.weight")
+    assert embd.type == kind.upper() and embd.how == "requantized" and embd.max_abs_diff > 0
+    float_embd = qmodel.model.embed_tokens.weight.detach()
+    stored = next(t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "token_embd.weight")
+    read = torch.from_numpy(gguf.quants.dequantize(stored.data, stored.tensor_type).copy()).reshape(float_embd.shape)
+    expected = dequantize(quantize_tensor(float_embd, NATIVE_SPECS[kind], "embed_tokens"))
+    torch.testing.assert_close(read, expected, rtol=0, atol=1e-6)
+    assert (read - float_embd).abs().max().item() == pytest.approx(embd.max_abs_diff, rel=1e-5)
+
+
 def test_float_model_to_a_block_type_and_to_f32(tmp_path):
     model = llama()
     exact = export_gguf(model, TOKENIZER, tmp_path / "f32.gguf", GGUFExportConfig(embeddings="f32"))

@@ -88,8 +88,9 @@ class GGUFExportConfig(BaseModel):
     fallback: Literal["q8_0", "f16", "f32"] | None = Field(
         None, description="Type for the layers that have no exact GGUF type (nf4, fp8, LoRC, groups not a multiple of "
         "32, ...): they are re-quantized to it and the error it adds is reported. Default: such layers are an error.")
-    embeddings: Literal["f32", "f16", "bf16", "q8_0"] = Field(
-        "f16", description="Type of the token embeddings and an untied output matrix (kept in float by weightwise).")
+    embeddings: Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "iq4_nl", "mxfp4"] = Field(
+        "f16", description="Type of the token embeddings and an untied output matrix (kept in float by weightwise): a "
+        "float type, q8_0 (llama.cpp's own rounding) or a smaller block type (round-to-nearest), to fit a file-size budget.")
     tokenizer_pre: str = Field("default", description="llama.cpp pre-tokenizer name, for a tokenizer written from Hugging "
                                "Face files (a GGUF source's own tokenizer metadata is copied as it is).")
 
@@ -199,7 +200,8 @@ def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig
         elif source.ndim == 1:
             tensor = _float_tensor(name, gguf_name, source, "f32", order, "converted")
         elif name in embeddings:
-            tensor = _float_tensor(name, gguf_name, source, config.embeddings, order, "converted")
+            lossy = config.embeddings in NATIVE_SPECS and config.embeddings != "q8_0"
+            tensor = _float_tensor(name, gguf_name, source, config.embeddings, order, "requantized" if lossy else "converted")
         else:  # a float linear layer
             kind = "f32" if config.type == "auto" else config.type
             tensor = _float_tensor(name, gguf_name, source, kind, order, "converted" if kind in ("f16", "bf16", "f32") else "requantized")
