@@ -20,7 +20,8 @@ for every arm, so every arm gets the same compute; a smaller subset is just seen
    filters (near-duplicate removal), k-center on sentence embeddings, the oracle (a sample of the pool's
    noise-free arithmetic lines) and the full pool; then the best selector again at a 25 % budget.
 4. Seeds: random, the best two selectors and the oracle at ``--seeds`` seeds (training seed; random and
-   oracle subsets and k-center redrawn per seed, score-based selections do not depend on the seed).
+   oracle subsets redrawn per seed; score-based and k-center selections, which start from the best score, do
+   not depend on the seed).
    Paired t-test (scipy ``ttest_rel``, two-sided) of each against random across seeds, the mean gap and
    its 95 % t interval. Targets: best selector − random ≥ 3 points exact match at 10 % with p < 0.05; the
    best selector within 2 points of the full pool.
@@ -72,7 +73,7 @@ THREADS = 2
 SCORERS = ("loss", "el2n", "ifd", "grand", "dsir", "rds", "less", "length", "prototype")
 ARMS = ("random", *SCORERS, "kcenter", "oracle", "full")
 SELECTORS = (*SCORERS, "kcenter")  # the arms that compete for "best"
-SEED_DRAWN = ("random", "kcenter", "oracle")  # arms whose selection is drawn again per seed
+SEED_DRAWN = ("random", "oracle")  # arms whose selection is drawn again per seed (the others are deterministic)
 QUICK_ARMS = ("random", "ifd", "oracle")
 BUDGET, BEST_BUDGET = 0.10, 0.25
 # Learning rate of LIFT in bench/tune.py; TuneConfig's other defaults (density 5 %, constant schedule, clip 1.0).
@@ -521,9 +522,9 @@ def run_arm(ctx: dict, arm: str, fraction: float, seed: int) -> dict | None:
     try:
         if "select" not in row:
             reuse = results["arms"].get(arm_name(arm, fraction, 0))
-            if (arm in SCORERS and seed != 0 and reuse and "select" in reuse
+            if (arm in SELECTORS and seed != 0 and reuse and "select" in reuse
                     and reuse.get("key") == arm_key(args, ctx["data"], arm, fraction, 0)):
-                # a score-ranked selection does not depend on the seed: train the seed-0 subset again
+                # a score-ranked or k-center selection does not depend on the seed: train the seed-0 subset again
                 row["select"] = {**reuse["select"], "reused_from": arm_name(arm, fraction, 0)}
                 row["train_file"] = reuse["train_file"]
             else:
@@ -874,7 +875,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="arms run at once, each in its own process (1 on 2 CPU "
                         "cores; a GPU holds many: the small model's steps leave it mostly idle)")
     parser.add_argument("--select-only", action="store_true", help="only the selections (the screening arms', the "
-                        "per-seed draws of random/oracle/kcenter and the 25 %% ones), no tuning: e.g. the arms that "
+                        "per-seed draws of random and oracle, and the 25 %% ones), no tuning: e.g. the arms that "
                         "need no language model, on the CPU, before a GPU run")
     parser.add_argument("--plan", nargs="+", metavar="ARM:FRACTION:SEED", help="run exactly these arms, in this order "
                         "(e.g. random:0.1:0 rds:0.1:0 random:0.1:1): the protocol's arms in the order of their value")
