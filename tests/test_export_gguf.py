@@ -230,12 +230,16 @@ def _family_model(model_type: str):
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=model_type != "mistral")
     if model_type == "qwen3":
         fields["head_dim"] = 16
+    if model_type.startswith("gemma"):  # queries scaled by 1/√256 (query_pre_attn_scalar), as llama.cpp scales by 1/√head_dim
+        fields.update(head_dim=256, sliding_window=8)  # a window shorter than the test's 37 tokens: it must matter
+    if model_type == "gemma2":  # strong soft-capping, so that a file without it would not match
+        fields.update(attn_logit_softcapping=5.0, final_logit_softcapping=2.0)
     if model_type == "phi3":  # fused qkv_proj and gate_up_proj
         fields.update(num_key_value_heads=4, pad_token_id=0, tie_word_embeddings=False)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"])
 def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_path, model_type):
     qmodel = quantize(_family_model(model_type), {"format": "int4", "group_size": 32})
     report = export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="f32"))
@@ -243,7 +247,8 @@ def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_p
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         expected = qmodel(ids).logits
-    if model_type not in ("qwen3", "phi3"):  # transformers' GGUF loader: qwen3's key_length ignored; phi3 pad id defaults to 32000
+    # transformers' GGUF loader: qwen3's key_length ignored; phi3 pad id defaults to 32000; gemma2 soft-capping not read
+    if model_type not in ("qwen3", "phi3", "gemma2"):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
@@ -253,3 +258,17 @@ def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_p
     got = np.array(llm.scores[: ids.shape[1]])
     assert (got.argmax(-1) == expected[0].numpy().argmax(-1)).mean() > 0.9
     assert np.abs(got - expected[0].numpy()).max() < 0.05 * np.abs(expected[0].numpy()).max()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
+    ({"layer_types": ["full_attention", "full_attention"]}, "llama.cpp's fixed pattern"),
+    ({"final_logit_softcapping": 30.0}, "soft-capping"),
+])
+def test_a_gemma3_config_llama_cpp_would_run_differently_is_refused(tmp_path, change, message):
+    model = _family_model("gemma3_text")
+    for key, value in change.items():
+        setattr(model.config, key, value)
+    with pytest.raises(WeightwiseError, match=message):
+        export_gguf(model, TOKENIZER, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,7 @@ from weightwise.export.gguf_types import (
     permute_qk_for_gguf,
     why_not_exact,
 )
+from weightwise.export.gguf_families import GGUF_FAMILIES, GGUFFamily, rope_settings, write_family_metadata
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
 from weightwise.io.artifacts import environment_versions, state_dict_fingerprint, write_json_atomic
@@ -56,25 +57,6 @@ NATIVE_SPECS = {
     "iq4_nl": QuantSpec(format="iq4_nl", group_size=32, scale_dtype="fp16"),
     "mxfp4": QuantSpec(format="mxfp4"),
 }
-
-
-@dataclass(frozen=True)
-class GGUFFamily:
-    """How one transformers model family becomes a llama.cpp architecture."""
-
-    arch: gguf.MODEL_ARCH
-    permute_qk: bool  # llama.cpp's llama graph uses interleaved rotary halves: Q/K rows are permuted on conversion
-
-
-GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    "llama": GGUFFamily(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "mistral": GGUFFamily(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp runs Mistral as llama
-    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
-    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
-    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, permute_qk=False),  # fused qkv and gate_up stay fused (attn_qkv, ffn_up)
-}
-# Not yet: gemma2/gemma3_text (llama.cpp stores their norms as 1 + w and needs sliding-window, soft-capping and
-# local-rope metadata) and bert (an encoder, not a causal LM for llama.cpp's generation).
 
 
 class GGUFExportConfig(BaseModel):
@@ -198,6 +180,8 @@ def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig
                 fallback_layers.append(name)
                 tensor = _float_tensor(name, gguf_name, source.dequantized_weight().detach(), config.fallback, order, "fallback")
         elif source.ndim == 1:
+            if family.norm_shift and name.endswith("norm.weight"):  # stored as llama.cpp's graph multiplies
+                source = source + family.norm_shift
             tensor = _float_tensor(name, gguf_name, source, "f32", order, "converted")
         elif name in embeddings:
             lossy = config.embeddings in NATIVE_SPECS and config.embeddings != "q8_0"
@@ -260,9 +244,6 @@ def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], famil
     cfg = model.config
     writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = getattr(cfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(cfg, "rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise WeightwiseError(f"rope scaling '{rope['rope_type']}' is not supported by the GGUF exporter yet")
     writer.add_name(getattr(cfg, "name_or_path", "") or "weightwise model")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -273,7 +254,8 @@ def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], famil
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_freq_base(rope_settings(cfg, family)["theta"])
+    write_family_metadata(writer, cfg, family, head_dim)
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
