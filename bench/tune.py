@@ -36,16 +36,20 @@ def result_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.rglob("*.safetensors") if "checkpoints" not in f.parts)
 
 
+def method_settings(method: str, args) -> dict:
+    """The method's config: the sparse ones the same entry count as a rank-r LoRA (or --density), LoRA rank r."""
+    if method in ("lift", "magnitude", "random"):
+        budget = {"density": args.density} if args.density else {"rank_budget": args.rank}
+        return {"name": method, **budget, "refresh_every": args.refresh_every}
+    return {"name": method, "rank": args.rank} if method == "lora" else {"name": method}
+
+
 def run_method(method: str, args, out: Path, eval_before: bool) -> dict:
-    config = {"method": method, "task": "arithmetic", "train_examples": args.train_examples,
+    config = {"method": method_settings(method, args), "task": "arithmetic", "train_examples": args.train_examples,
               "test_examples": args.test_examples, "max_steps": args.steps, "batch_size": args.batch_size,
               "lr": LR[method], "seed": args.seed, "max_new_tokens": args.max_new_tokens,
               "retention_max_tokens": args.retention_tokens, "eval_before": eval_before,
-              "checkpoint_every": args.checkpoint_every, "refresh_every": args.refresh_every}
-    if method in ("lift", "magnitude", "random"):
-        config.update({"density": args.density} if args.density else {"rank_budget": args.rank})
-    if method == "lora":
-        config["lora_rank"] = args.rank
+              "checkpoint_every": args.checkpoint_every}
     out.mkdir(parents=True, exist_ok=True)
     config_path = out.parent / f"{method}.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -6,7 +6,6 @@ from torch import nn
 
 from weightwise.errors import WeightwiseError
 from weightwise.tune.lift import (
-    MASK_FUNCTIONS,
     budget_k,
     magnitude_mask,
     principal_mask,
@@ -92,13 +91,6 @@ def test_random_mask_is_seeded_sorted_and_unique():
     c = random_mask(w, 100, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().numel() == 100 and bool((a[1:] > a[:-1]).all()) and int(a.max()) < 1200
-
-
-def test_mask_functions_share_one_call_signature():
-    w = _planted()
-    for name, fn in MASK_FUNCTIONS.items():
-        mask = fn(w, 7, filter_rank=2, randomized=False, generator=torch.Generator().manual_seed(0))
-        assert mask.shape == (7,), name
 
 
 def test_budget_k():

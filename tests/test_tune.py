@@ -11,7 +11,7 @@ from weightwise.data.tasks import encode_examples, task_examples
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.tune.api import target_modules, tune
-from weightwise.tune.config import TuneConfig
+from weightwise.tune.config import METHOD_CONFIGS, METHOD_NAMES, LiftConfig, LoraConfig, TuneConfig
 from weightwise.tune.lift import budget_k, principal_mask
 from weightwise.tune.loop import train
 from weightwise.tune.methods import METHODS, make_method
@@ -28,9 +28,13 @@ def toy_task(tmp_path):
     return str(path)
 
 
-def quick(task: str, **fields) -> TuneConfig:
-    settings = dict(task=task, train_examples=8, batch_size=8, max_steps=6, lr=5e-3, density=0.1, filter_rank=8,
-                    test_examples=0, retention_max_tokens=0, checkpoint_every=0, patch_dtype="fp32")
+SPARSE = {"density": 0.1}
+QUICK_METHOD = {"lift": {**SPARSE, "filter_rank": 8}, "magnitude": SPARSE, "random": SPARSE}  # as flat shortcuts
+
+
+def quick(task: str, method: str = "lift", **fields) -> TuneConfig:
+    settings = dict(task=task, method=method, train_examples=8, batch_size=8, max_steps=6, lr=5e-3, test_examples=0,
+                    retention_max_tokens=0, checkpoint_every=0, patch_dtype="fp32", **QUICK_METHOD.get(method, {}))
     return TuneConfig(**{**settings, **fields})
 
 
@@ -56,16 +60,81 @@ def test_config_rejects_two_budgets_and_unknown_methods():
         TuneConfig(method="adapterx")
     with pytest.raises(ValueError, match="extra"):
         TuneConfig(densty=0.1)
-    assert TuneConfig().budget == {"density": 0.05}
-    assert TuneConfig(rank_budget=4).budget == {"rank_budget": 4} and TuneConfig(rank_budget=4).resolved_lora_rank == 4
-    assert TuneConfig().resolved_lora_rank == 8 and TuneConfig(lora_rank=3).resolved_lora_alpha == 6
+    assert TuneConfig().method.budget == {"density": 0.05} and TuneConfig().method.sparse
+    assert TuneConfig(rank_budget=4).method.budget == {"rank_budget": 4}
+    assert TuneConfig(method="lora", rank_budget=4).method.rank == 4  # an adapter's rank defaults to the budget
+    assert TuneConfig(method="lora", rank_budget=4, lora_rank=3).method.rank == 3
+    assert TuneConfig(method="lora").method.rank == 8 and TuneConfig(method="lora", lora_rank=3).method.resolved_alpha == 6
+    assert not TuneConfig(method="lora").method.sparse
+
+
+def test_nested_method_equals_the_flat_shortcuts():
+    flat = TuneConfig(method="lift", density=0.1, filter_rank=8, refresh_every=2)
+    nested = TuneConfig(method={"name": "lift", "density": 0.1, "filter_rank": 8, "refresh_every": 2})
+    typed = TuneConfig(method=LiftConfig(density=0.1, filter_rank=8, refresh_every=2))
+    assert flat == nested == typed and flat.training_key() == nested.training_key()
+    assert TuneConfig(density=0.1).method == LiftConfig(density=0.1)  # no method: lift
+    assert TuneConfig(method="lora", lora_rank=4, lora_dropout=0.1).method == LoraConfig(rank=4, dropout=0.1)
+    # a flat value wins over the nested one (a command-line option over its YAML), the rest stays
+    assert TuneConfig(method={"name": "lift", "density": 0.2, "filter_rank": 8}, density=0.1) == flat.model_copy(
+        update={"method": LiftConfig(density=0.1, filter_rank=8)})
+    assert TuneConfig.model_validate(flat.model_dump()) == flat  # a saved config loads back
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "lift", "lora_rank": 4}, "lora_rank is not a setting of method lift"),
+    ({"method": "lora", "density": 0.1}, "density is not a setting of method lora"),
+    ({"method": "full", "refresh_every": 2}, "refresh_every is not a setting of method full"),
+    ({"method": "magnitude", "filter_rank": 8}, "filter_rank is not a setting of method magnitude"),
+])
+def test_a_flat_field_of_another_method_is_an_error(fields, message, tmp_path):
+    from weightwise.quantize.recipe import validated
+
+    with pytest.raises(WeightwiseError, match=message) as err:
+        validated(TuneConfig, fields)
+    assert "\n" not in str(err.value) and "silently ignored" in str(err.value)
+    with pytest.raises(ValueError, match="extra"):
+        TuneConfig(method={"name": fields["method"], "lora_rank": 4})  # the nested form names its own fields only
+
+
+def test_a_saved_version_1_config_still_loads():
+    """tune_config.json / manifest.json of version 1: flat, every method field listed, the unread ones ignored."""
+    old = {"version": 1, "method": "lift", "task": "arithmetic", "train_examples": 8, "test_examples": 0, "test_task": None,
+           "density": 0.1, "rank_budget": None, "filter_rank": 8, "randomized_svd": False, "refresh_every": 2,
+           "targets": None, "lr": 0.005, "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "epochs": 1,
+           "max_steps": 6, "batch_size": 8, "grad_accum": 1, "max_length": 256, "seed": 0, "lora_rank": 4,
+           "lora_alpha": None, "lora_dropout": 0.0, "checkpoint_every": 0, "keep_checkpoints": False,
+           "patch_dtype": "fp32", "eval_before": True, "max_new_tokens": 16, "eval_batch_size": 16,
+           "retention_max_tokens": 0, "retention_window": 512}
+    config = TuneConfig.model_validate(json.loads(json.dumps(old)))
+    assert config.version == 2 and config.method == LiftConfig(density=0.1, filter_rank=8, refresh_every=2)
+    assert config.training_key() == TuneConfig(method="lift", density=0.1, filter_rank=8, refresh_every=2, lr=0.005,
+                                               train_examples=8, max_steps=6).training_key()
+    lora = TuneConfig.model_validate({**old, "method": "lora", "lora_rank": None, "rank_budget": 16, "density": None})
+    assert lora.method == LoraConfig(rank=16)
+    with pytest.raises(ValueError, match="version 3"):
+        TuneConfig(version=3)
+
+
+@pytest.mark.parametrize("text", ["method: lift\ndensity: 0.1\nfilter_rank: 8\n",
+                                  "method: {name: lift, density: 0.1, filter_rank: 8}\n",
+                                  "method:\n  name: lift\n  density: 0.1\nfilter_rank: 8\n"])
+def test_yaml_nested_and_flat_both_load(text, tmp_path):
+    path = tmp_path / "tune.yaml"
+    path.write_text(text)
+    assert TuneConfig.from_yaml(path).method == LiftConfig(density=0.1, filter_rank=8)
+    # a command-line --method naming the file's method keeps its settings; another method replaces them
+    assert TuneConfig.from_yaml(path, method="lift", density=0.2).method == LiftConfig(density=0.2, filter_rank=8)
+    path.write_text("method: {name: lora, rank: 4}\n")
+    assert TuneConfig.from_yaml(path, method="dora").method.model_dump() == {"name": "dora", "rank": 8, "alpha": None,
+                                                                             "dropout": 0.0}
 
 
 def test_config_from_yaml_with_overrides_and_training_key(tmp_path):
     path = tmp_path / "tune.yaml"
     path.write_text("method: lora\nlr: 0.0002\nlora_rank: 4\ncheckpoint_every: 10\n")
     config = TuneConfig.from_yaml(path, lr=1e-3)
-    assert (config.method, config.lr, config.lora_rank) == ("lora", 1e-3, 4)
+    assert (config.method.name, config.lr, config.method.rank) == ("lora", 1e-3, 4)
     assert config.training_key() == config.model_copy(update={"checkpoint_every": 99}).training_key()
     assert config.training_key() != config.model_copy(update={"seed": 1}).training_key()
     path.write_text("method: lora\nlearning_rate: 0.1\n")
@@ -81,16 +150,18 @@ def test_public_api_exports_tune_and_its_config(tmp_path):
     import weightwise.tune.lift  # noqa: F401  (binds the name weightwise.tune to the package)
 
     assert ww.TuneConfig is TuneConfig and ww.tune.TuneConfig is TuneConfig
+    assert all(getattr(ww, cls.__name__) is cls and getattr(ww.tune, cls.__name__) is cls for cls in METHOD_CONFIGS)
     with pytest.raises(WeightwiseError, match="method"):  # the package forwards calls to weightwise.tune.api.tune
         ww.tune(tiny_model(), tiny_tokenizer(), {"method": "nope"}, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def test_registry_covers_every_method():
-    assert set(METHODS) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random"}
+    assert set(METHODS) == set(METHOD_CONFIGS)
+    assert set(METHOD_NAMES) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random"}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(METHOD_NAMES))
 def test_every_method_lowers_the_loss_on_a_memorisable_set(method, toy_task):
     config = quick(toy_task, method=method)
     model, tuner, examples = prepared(config)
@@ -223,7 +294,7 @@ def test_sparse_run_writes_a_patch_that_reproduces_the_tuned_weights(toy_task, t
         assert metrics[side]["retention"]["ppl"] > 1 and metrics[side]["retention"]["n_tokens_scored"] == 2 * 63
     assert metrics["after"]["retention"]["ppl"] != metrics["before"]["retention"]["ppl"]
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["kind"] == "tune-run" and manifest["config"]["method"] == "lift"
+    assert manifest["kind"] == "tune-run" and manifest["config"]["method"]["name"] == "lift"
     assert manifest["metrics"]["after"]["retention_ppl"] == metrics["after"]["retention"]["ppl"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
@@ -255,7 +326,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(method, extra, toy_task,
     assert (tmp_path / "b" / "checkpoints" / "step-00000002" / "state.json").is_file()
     assert not (tmp_path / "b" / "manifest.json").exists()
     state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "state.json").read_text())
-    assert state["config"]["method"] == method and state["data_position"] == {"epoch": 1, "batch": 0}
+    assert state["config"]["method"]["name"] == method and state["data_position"] == {"epoch": 1, "batch": 0}
     resumed = tiny_model()
     metrics = tune(resumed, tiny_tokenizer(), config, tmp_path / "b")
     assert metrics["resumed_from_step"] == 2 and metrics["train"]["steps_run"] == 4
@@ -315,7 +386,8 @@ def test_cli_tune_writes_the_run_and_log_lines(capsys, monkeypatch, tiny_dir, to
     assert "magnitude" in out and "patch.safetensors" in out
     assert (run / "patch.safetensors").is_file() and (run / "manifest.json").is_file()
     saved = json.loads((run / "tune_config.json").read_text())["config"]
-    assert saved["method"] == "magnitude" and saved["density"] == 0.1 and saved["lr"] == 0.005  # from the YAML
+    assert saved["method"]["name"] == "magnitude" and saved["method"]["density"] == 0.1  # from the YAML
+    assert saved["lr"] == 0.005
     assert saved["max_steps"] == 4  # the option overrides the YAML
 
 
@@ -327,6 +399,14 @@ def test_cli_tune_user_errors_exit_2(capsys, monkeypatch, tiny_dir, toy_task, tm
     code, _, err = run_cli(capsys, monkeypatch, "tune", tiny_dir, "--task", toy_task, "--train-examples", "2",
                            "--batch-size", "4", "-o", run)
     assert code == 2 and "do not fill one global batch" in err and "Traceback" not in err
+
+
+def test_cli_tune_rejects_an_option_the_method_does_not_read(capsys, monkeypatch, tiny_dir, toy_task, tmp_path):
+    code, _, err = run_cli(capsys, monkeypatch, "tune", tiny_dir, "--task", toy_task, "--method", "lift",
+                           "--lora-rank", "4", "-o", tmp_path / "run")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert "lora_rank is not a setting of method lift" in errors[0] and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -21,9 +21,9 @@ def toy_task(tmp_path):
 @pytest.mark.parametrize("method", ["lift", "lora"])
 def test_a_tune_run_loads_as_the_tuned_model(method, toy_task, tiny_dir, tmp_path):
     model, tokenizer = load_model(tiny_dir)
-    config = TuneConfig(task=toy_task, method=method, train_examples=8, batch_size=8, max_steps=4, lr=5e-3, density=0.1,
-                        filter_rank=8, lora_rank=4, test_examples=0, retention_max_tokens=0, checkpoint_every=0,
-                        patch_dtype="fp32")
+    settings = {"lift": {"name": "lift", "density": 0.1, "filter_rank": 8}, "lora": {"name": "lora", "rank": 4}}[method]
+    config = TuneConfig(task=toy_task, method=settings, train_examples=8, batch_size=8, max_steps=4, lr=5e-3,
+                        test_examples=0, retention_max_tokens=0, checkpoint_every=0, patch_dtype="fp32")
     tune(model, tokenizer, config, tmp_path / "run", source=model_source_info(tiny_dir))  # lora: adapters injected in model
     loaded, loaded_tokenizer = load_model(tmp_path / "run")
     ids = torch.arange(1, 20).unsqueeze(0)

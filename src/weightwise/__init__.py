@@ -25,6 +25,13 @@ _API = {
     "select": "weightwise.select.api",
     "SelectConfig": "weightwise.select.config",
     "TuneConfig": "weightwise.tune.config",
+    "LiftConfig": "weightwise.tune.config",
+    "MagnitudeConfig": "weightwise.tune.config",
+    "RandomMaskConfig": "weightwise.tune.config",
+    "FullConfig": "weightwise.tune.config",
+    "LoraConfig": "weightwise.tune.config",
+    "DoraConfig": "weightwise.tune.config",
+    "PissaConfig": "weightwise.tune.config",
     "tune": "weightwise.tune.api",
 }
 

@@ -20,7 +20,7 @@ from weightwise.evaluate.config import EvalConfig
 from weightwise.export.gguf import GGUFExportConfig
 from weightwise.quantize.calibration import CalibrationConfig
 from weightwise.quantize.recipe import QuantRecipe, recipe_from_yaml, validated, validation_message
-from weightwise.tune.config import TuneConfig
+from weightwise.tune.config import TuneConfig, shortcut_description
 
 app = typer.Typer(
     help="Quantize, evaluate and compare Hugging Face causal LMs on one GPU or a laptop CPU.",
@@ -265,6 +265,7 @@ def _print_rows(rows: list[dict], gguf: dict[str, list[str]] | None = None) -> N
 
 
 _T = TuneConfig.model_fields
+_S = shortcut_description
 
 
 @app.command("tune")
@@ -273,11 +274,11 @@ def tune_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors or adapter/, metrics, manifest.json, checkpoints while running).")] = ...,
     task: Annotated[Optional[str], typer.Option("--task", help=_T["task"].description)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=_T["method"].description)] = None,
-    density: Annotated[Optional[float], typer.Option("--density", help=_T["density"].description)] = None,
-    rank_budget: Annotated[Optional[int], typer.Option("--rank-budget", help=_T["rank_budget"].description)] = None,
-    filter_rank: Annotated[Optional[int], typer.Option("--filter-rank", help=_T["filter_rank"].description)] = None,
-    randomized_svd: Annotated[Optional[bool], typer.Option("--randomized-svd/--exact-svd", help=_T["randomized_svd"].description)] = None,
-    refresh_every: Annotated[Optional[int], typer.Option("--refresh-every", help=_T["refresh_every"].description)] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help=_S("density"))] = None,
+    rank_budget: Annotated[Optional[int], typer.Option("--rank-budget", help=_S("rank_budget"))] = None,
+    filter_rank: Annotated[Optional[int], typer.Option("--filter-rank", help=_S("filter_rank"))] = None,
+    randomized_svd: Annotated[Optional[bool], typer.Option("--randomized-svd/--exact-svd", help=_S("randomized_svd"))] = None,
+    refresh_every: Annotated[Optional[int], typer.Option("--refresh-every", help=_S("refresh_every"))] = None,
     targets: Annotated[Optional[list[str]], typer.Option("--targets", help=_T["targets"].description)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=_T["lr"].description)] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help=_T["warmup_steps"].description)] = None,
@@ -290,7 +291,9 @@ def tune_cmd(
     train_examples: Annotated[Optional[int], typer.Option("--train-examples", help=_T["train_examples"].description)] = None,
     test_examples: Annotated[Optional[int], typer.Option("--test-examples", help=_T["test_examples"].description)] = None,
     test_task: Annotated[Optional[str], typer.Option("--test-task", help=_T["test_task"].description)] = None,
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help=_T["lora_rank"].description)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help=_S("lora_rank"))] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help=_S("lora_alpha"))] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help=_S("lora_dropout"))] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_T["checkpoint_every"].description)] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help=_T["patch_dtype"].description)] = None,
     retention_max_tokens: Annotated[Optional[int], typer.Option("--retention-max-tokens", help=_T["retention_max_tokens"].description)] = None,
@@ -302,6 +305,8 @@ def tune_cmd(
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
     """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch or a peft adapter.
+
+    The method options (--density ... --lora-dropout) set the chosen method's settings; one it does not read is an error.
 
     Checkpoints every --checkpoint-every steps: rerunning the same command after a kill resumes and ends
     with the same weights. Runs unchanged on N processes under `torchrun --nproc_per_node N -m weightwise.cli tune ...`
@@ -318,8 +323,8 @@ def tune_cmd(
         randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, lr=lr, warmup_steps=warmup_steps,
         max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
         train_examples=train_examples, test_examples=test_examples, test_task=test_task, lora_rank=lora_rank,
-        checkpoint_every=checkpoint_every, patch_dtype=patch_dtype, retention_max_tokens=retention_max_tokens,
-        eval_before=eval_before))
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, checkpoint_every=checkpoint_every, patch_dtype=patch_dtype,
+        retention_max_tokens=retention_max_tokens, eval_before=eval_before))
     main_process = int(os.environ.get("RANK", "0")) == 0
     out = console if main_process else Console(stderr=True, quiet=True)
     if main_process:
@@ -331,7 +336,7 @@ def tune_cmd(
     if tokenizer is None:
         raise WeightwiseError(f"{model} has no tokenizer files; save the tokenizer with the model")
     model_obj.to(_work_device(device))
-    with _tune_progress(out, cfg.method) as update:
+    with _tune_progress(out, cfg.method.name) as update:
         metrics = tune(model_obj, tokenizer, cfg, output, progress=update, overwrite=overwrite, source=model_source_info(model))
     if main_process:
         _print_tune_summary(output, metrics)

@@ -213,7 +213,11 @@ class QuantRecipe(BaseModel):
 
 
 def recipe_from_yaml(model_cls, path: str | Path, updates: dict):
-    """Validate a YAML file (plus ``updates``) into ``model_cls``, with one-line errors naming the field."""
+    """Validate a YAML file (plus ``updates``) into ``model_cls``, with one-line errors naming the field.
+
+    An update naming the method the file already gives as a mapping (``--method gptq`` over ``method: {name: gptq,
+    damp: 0.1}``) keeps the file's method settings.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightwiseError(f"recipe file {path} not found")
@@ -223,6 +227,9 @@ def recipe_from_yaml(model_cls, path: str | Path, updates: dict):
         raise WeightwiseError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise WeightwiseError(f"recipe {path} must be a mapping of field: value")
+    method = data.get("method")
+    if isinstance(method, dict) and updates.get("method") == method.get("name"):
+        updates = {key: value for key, value in updates.items() if key != "method"}
     data.update(updates)
     return validated(model_cls, data, source=str(path))
 

@@ -12,6 +12,13 @@ from weightwise._callable import make_callable
 
 _API = {
     "METHODS": "weightwise.tune.methods",
+    "DoraConfig": "weightwise.tune.config",
+    "FullConfig": "weightwise.tune.config",
+    "LiftConfig": "weightwise.tune.config",
+    "LoraConfig": "weightwise.tune.config",
+    "MagnitudeConfig": "weightwise.tune.config",
+    "PissaConfig": "weightwise.tune.config",
+    "RandomMaskConfig": "weightwise.tune.config",
     "TuneConfig": "weightwise.tune.config",
     "WeightPatch": "weightwise.tune.patch",
     "tune": "weightwise.tune.api",

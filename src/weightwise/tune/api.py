@@ -112,7 +112,7 @@ def tune(
         trained_model = method.prepare(model, targets, resume)
         if resume is not None:
             set_rng_state(resume["rng"], device)
-        logger.info("%s: %d trained entries, %d optimizer state bytes", config.method, method.trained_entries(),
+        logger.info("%s: %d trained entries, %d optimizer state bytes", config.method.name, method.trained_entries(),
                     method.optimizer_state_bytes())
         with _StepLog(out, comm.is_main) as log:
             def on_step(record: dict) -> None:
@@ -127,7 +127,7 @@ def tune(
         report("eval after", 0, 1, {})
         after = _evaluate(trained_model, tokenizer, test_examples, config, comm)
     metrics = {
-        "method": config.method,
+        "method": config.method.name,
         "train": summary,
         "trained_entries": method.trained_entries(),
         "targeted_entries": sum(m.weight.numel() for m in targets.values()),
@@ -140,7 +140,8 @@ def tune(
     }
     metrics["trained_fraction"] = metrics["trained_entries"] / metrics["targeted_entries"]
     if comm.is_main:
-        metadata = {"base_model_hash": base_hash, "method": config.method, **(config.budget if config.sparse else {}),
+        metadata = {"base_model_hash": base_hash, "method": config.method.name,
+                    **(config.method.budget if config.method.sparse else {}),
                     "config": config.model_dump(), "metrics": _headline(metrics)}
         files = method.save_result(out, metadata, config.patch_dtype)
         metrics["files"] = files

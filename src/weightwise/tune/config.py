@@ -1,22 +1,191 @@
-"""TuneConfig: the one typed description of a fine-tuning run, shared by the CLI, YAML and the API."""
+"""TuneConfig: the one typed description of a fine-tuning run, shared by the CLI, YAML and the API.
+
+The method and its own settings are one typed config per method (``method``, discriminated by ``name``):
+the sparse methods (lift, magnitude, random) carry a budget, lift its filter too, the peft adapters (lora,
+dora, pissa) a rank. The flat fields of version 1 (``density``, ``lora_rank``, ...) still work as shortcuts.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TUNE_CONFIG_VERSION = 1
-METHODS = ("lift", "full", "lora", "dora", "pissa", "magnitude", "random")
-SPARSE_METHODS = ("lift", "magnitude", "random")
-LORA_METHODS = ("lora", "dora", "pissa")
+TUNE_CONFIG_VERSION = 2
 DEFAULT_DENSITY = 0.05
 DEFAULT_LORA_RANK = 8
 
-Method = Literal["lift", "full", "lora", "dora", "pissa", "magnitude", "random"]
 PatchDtype = Literal["fp16", "bf16", "fp32", "int8"]
+
+
+class TuneMethodConfig(BaseModel):
+    """What every method config has: its ``name`` (the discriminator; each subclass fixes it) and ``sparse``
+    (whether it trains masked entries with a budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sparse: ClassVar[bool] = False
+
+    name: str
+
+
+class SparseMethodConfig(TuneMethodConfig):
+    """Settings of the sparse methods: k entries per targeted matrix, by density or rank budget."""
+
+    sparse: ClassVar[bool] = True
+
+    density: float | None = Field(
+        None, gt=0, le=1, description=f"Fraction of each targeted matrix trained (default {DEFAULT_DENSITY} unless "
+        "rank_budget is given).")
+    rank_budget: int | None = Field(
+        None, ge=1, description="Train rank_budget·(rows+cols) entries per matrix, the count a LoRA of that rank trains "
+        "(instead of density).")
+    refresh_every: int = Field(0, ge=0, description="Recompute the masks from the current weights every N optimizer "
+                               "steps (moments of kept entries survive, new entries start at 0); 0 = never.")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.density is not None and self.rank_budget is not None:
+            raise ValueError("give density or rank_budget, not both")
+        return self
+
+    @property
+    def budget(self) -> dict:
+        """The keyword arguments of ``lift.budget_k``: the density (default 5 %) or the rank budget."""
+        if self.rank_budget is not None:
+            return {"rank_budget": self.rank_budget}
+        return {"density": DEFAULT_DENSITY if self.density is None else self.density}
+
+
+class LiftConfig(SparseMethodConfig):
+    """LIFT: the k largest entries of each matrix's rank-r approximation (principal weights), sparse Adam."""
+
+    name: Literal["lift"] = "lift"
+    filter_rank: int = Field(128, ge=1, description="Rank of the approximation whose largest entries are trained.")
+    randomized_svd: bool = Field(False, description="Randomized instead of exact truncated SVD (faster on large matrices).")
+
+
+class MagnitudeConfig(SparseMethodConfig):
+    """Sparse baseline: the k largest |W| of each matrix."""
+
+    name: Literal["magnitude"] = "magnitude"
+
+
+class RandomMaskConfig(SparseMethodConfig):
+    """Sparse baseline: k entries of each matrix drawn uniformly (seeded)."""
+
+    name: Literal["random"] = "random"
+
+
+class FullConfig(TuneMethodConfig):
+    """Full fine-tuning: every entry of the targeted weights, AdamW."""
+
+    name: Literal["full"] = "full"
+
+
+class AdapterMethodConfig(TuneMethodConfig):
+    """Settings of the peft adapters; ``use_dora`` / ``pissa_init`` say which variant a subclass is."""
+
+    use_dora: ClassVar[bool] = False
+    pissa_init: ClassVar[bool] = False
+
+    rank: int = Field(DEFAULT_LORA_RANK, ge=1, description=f"Adapter rank (default {DEFAULT_LORA_RANK}; the flat "
+                      "rank_budget shortcut sets it when no rank is given, so the trained counts match).")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator alpha (default: 2 × rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+
+    @property
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class LoraConfig(AdapterMethodConfig):
+    """LoRA (peft): low-rank adapters on the targeted Linear layers."""
+
+    name: Literal["lora"] = "lora"
+
+
+class DoraConfig(AdapterMethodConfig):
+    """DoRA (peft): weight-decomposed LoRA."""
+
+    name: Literal["dora"] = "dora"
+    use_dora: ClassVar[bool] = True
+
+
+class PissaConfig(AdapterMethodConfig):
+    """PiSSA (peft): adapters initialised from the principal singular vectors, the base keeping the residual."""
+
+    name: Literal["pissa"] = "pissa"
+    pissa_init: ClassVar[bool] = True
+
+
+METHOD_CONFIGS: tuple[type[TuneMethodConfig], ...] = (
+    LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig)
+MethodConfig = Annotated[Union[LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig,
+                               PissaConfig], Field(discriminator="name")]
+METHOD_NAMES: tuple[str, ...] = tuple(cls.model_fields["name"].default for cls in METHOD_CONFIGS)
+_BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
+
+# The flat fields of version 1 (and the tune command's flags): shortcut → the method-config field it sets.
+SHORTCUTS = {"density": "density", "rank_budget": "rank_budget", "filter_rank": "filter_rank",
+             "randomized_svd": "randomized_svd", "refresh_every": "refresh_every", "lora_rank": "rank",
+             "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def shortcut_readers(shortcut: str) -> list[str]:
+    """The methods that read a flat shortcut (rank_budget: the sparse ones, and the adapters as their default rank)."""
+    field = SHORTCUTS[shortcut]
+    return [name for name, cls in _BY_NAME.items()
+            if field in cls.model_fields or (shortcut == "rank_budget" and "rank" in cls.model_fields)]
+
+
+def shortcut_description(shortcut: str) -> str:
+    """The help of a flat shortcut: the methods that read it and their field's description."""
+    cls = next(c for c in METHOD_CONFIGS if SHORTCUTS[shortcut] in c.model_fields)
+    description = cls.model_fields[SHORTCUTS[shortcut]].description
+    return f"{', '.join(shortcut_readers(shortcut))}: {description[:1].lower()}{description[1:]}"
+
+
+def _nest_shortcuts(data: dict) -> dict:
+    """``data`` with its method as a mapping and the flat shortcuts moved into it (flat values win over nested ones).
+
+    A shortcut the method does not read is an error (version 1 ignored it silently); a version-1 dump lists
+    every flat field, so there it is dropped as that version did. None means 'not given'.
+    """
+    version = data.get("version", TUNE_CONFIG_VERSION)
+    flat = {key: data[key] for key in SHORTCUTS if key in data}
+    method = data.get("method", "lift")
+    if isinstance(method, str):
+        fields = {"name": method}
+    elif isinstance(method, TuneMethodConfig):
+        fields = {"name": method.name, **method.model_dump(exclude_unset=True)}
+    elif isinstance(method, dict):
+        fields = {"name": "lift", **method}
+    else:
+        return data  # pydantic reports the wrong type
+    name = fields["name"]
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
+    known = _BY_NAME[name].model_fields
+    rank_given = "rank" in fields or flat.get("lora_rank") is not None
+    for shortcut, value in flat.items():
+        field = SHORTCUTS[shortcut]
+        if field not in known and shortcut == "rank_budget" and "rank" in known:
+            field = None if rank_given else "rank"  # an adapter's rank defaults to the rank budget
+        elif field not in known:
+            if value is not None and version != 1:
+                raise ValueError(f"{shortcut} is not a setting of method {name} (earlier versions silently ignored it): "
+                                 f"remove it, or use a method that reads it ({', '.join(shortcut_readers(shortcut))})")
+            field = None
+        if field is not None and value is not None:
+            fields[field] = value
+    nested = {key: value for key, value in data.items() if key not in SHORTCUTS}
+    nested["method"] = fields
+    if version == 1:
+        nested["version"] = TUNE_CONFIG_VERSION  # its fields are read above
+    return nested
+
 
 # Fields that change what is trained; a checkpoint resumes only under the same values of these.
 # The others (checkpoint cadence, evaluation) can change between a kill and the rerun.
@@ -32,25 +201,17 @@ class TuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = Field(TUNE_CONFIG_VERSION, description="Config schema version.")
-    method: Method = Field(
-        "lift", description="lift (principal weights of a rank-reduced W, sparse Adam), magnitude or random "
-        "(sparse baselines: top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft).")
+    method: MethodConfig = Field(
+        default_factory=LiftConfig,
+        description="lift (principal weights of a rank-reduced W, sparse Adam), magnitude or random (sparse baselines: "
+        "top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft): a name, or a "
+        "mapping with `name` and the method's settings.")
     task: str = Field("arithmetic", description="'arithmetic' (DeepMind mathematics_dataset problems) or a .jsonl file "
                       "of {prompt, response} / {messages} records.")
     train_examples: int = Field(2000, ge=1, description="Training examples drawn from the task.")
     test_examples: int = Field(200, ge=0, description="Held-out problems scored by exact match before and after (0 = skip).")
     test_task: str | None = Field(None, description="Held-out problems: default the test split of 'arithmetic'; for a "
                                   ".jsonl task give a second .jsonl file (without one, exact match is skipped).")
-    density: float | None = Field(
-        None, gt=0, le=1, description=f"Sparse methods: fraction of each targeted matrix trained (default {DEFAULT_DENSITY} "
-        "unless rank_budget is given).")
-    rank_budget: int | None = Field(
-        None, ge=1, description="Sparse methods: train rank_budget·(rows+cols) entries per matrix, the count a LoRA "
-        "of that rank trains (instead of density); LoRA methods then default to this rank.")
-    filter_rank: int = Field(128, ge=1, description="LIFT: rank of the approximation whose largest entries are trained.")
-    randomized_svd: bool = Field(False, description="LIFT: randomized instead of exact truncated SVD (faster on large matrices).")
-    refresh_every: int = Field(0, ge=0, description="Sparse methods: recompute the masks from the current weights every N "
-                               "optimizer steps (moments of kept entries survive, new entries start at 0); 0 = never.")
     targets: list[str] | None = Field(
         None, description="Regexes of Linear module names to train. Default: every Linear of the decoder blocks "
         "(per model family); embeddings, norms and lm_head stay frozen for every method.")
@@ -66,11 +227,6 @@ class TuneConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (global batch = batch_size × grad_accum).")
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + response), longer ones truncated.")
     seed: int = Field(0, description="Seed of the data order, random masks, LoRA init and dropout.")
-    lora_rank: int | None = Field(
-        None, ge=1, description=f"LoRA methods: adapter rank (default: rank_budget if given, so the trained counts match, "
-        f"else {DEFAULT_LORA_RANK}).")
-    lora_alpha: float | None = Field(None, gt=0, description="LoRA methods: scaling numerator alpha (default: 2 × rank).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA methods: dropout on the adapter input.")
     checkpoint_every: int = Field(50, ge=0, description="Write a resumable checkpoint every N optimizer steps (0 = never).")
     keep_checkpoints: bool = Field(False, description="Keep the last checkpoint in OUT/checkpoints after a finished run.")
     patch_dtype: PatchDtype = Field("fp16", description="Sparse/full results: storage of the patch's delta values.")
@@ -93,33 +249,18 @@ class TuneConfig(BaseModel):
                 raise ValueError(f"'{pattern}' is not a valid regex: {err}") from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shortcuts(cls, data):
+        """A method name and the flat fields of version 1 (``method="lift", density=0.1``) → the nested method."""
+        return _nest_shortcuts(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _consistent(self) -> TuneConfig:
         if self.version != TUNE_CONFIG_VERSION:
             raise ValueError(f"tune config version {self.version} is not supported (this weightwise reads "
-                             f"version {TUNE_CONFIG_VERSION})")
-        if self.density is not None and self.rank_budget is not None:
-            raise ValueError("give density or rank_budget, not both")
+                             f"versions 1 and {TUNE_CONFIG_VERSION})")
         return self
-
-    @property
-    def sparse(self) -> bool:
-        return self.method in SPARSE_METHODS
-
-    @property
-    def budget(self) -> dict:
-        """The keyword arguments of ``lift.budget_k``: the density (default 5 %) or the rank budget."""
-        if self.rank_budget is not None:
-            return {"rank_budget": self.rank_budget}
-        return {"density": DEFAULT_DENSITY if self.density is None else self.density}
-
-    @property
-    def resolved_lora_rank(self) -> int:
-        return self.lora_rank or self.rank_budget or DEFAULT_LORA_RANK
-
-    @property
-    def resolved_lora_alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.resolved_lora_rank
 
     def training_key(self) -> dict:
         """The fields that decide the trained weights (a checkpoint resumes only when they are equal)."""

@@ -15,8 +15,6 @@ deterministic. All functions are pure: randomness comes only from an explicit ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from weightwise.errors import WeightwiseError
@@ -141,20 +139,15 @@ def principal_mask(
     return top_k_indices(approx.abs(), k)
 
 
-def magnitude_mask(weight: torch.Tensor, k: int, *, generator: torch.Generator | None = None, **_) -> torch.Tensor:
+def magnitude_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
     """Baseline: sorted flat indices of the k largest |W| (LIFT without the low-rank filter)."""
     _check(weight, k)
     return top_k_indices(_as_float(weight).abs(), k)
 
 
-def random_mask(weight: torch.Tensor, k: int, *, generator: torch.Generator | None, **_) -> torch.Tensor:
+def random_mask(weight: torch.Tensor, k: int, *, generator: torch.Generator | None) -> torch.Tensor:
     """Baseline: k flat indices drawn uniformly without replacement from ``generator`` (None → seed 0), sorted."""
     _check(weight, k)
     gen = _default_generator(generator)
     picked = torch.randperm(weight.numel(), generator=gen, device=gen.device)[:k]
     return picked.sort().values.to(weight.device)
-
-
-MaskFunction = Callable[..., torch.Tensor]
-
-MASK_FUNCTIONS: dict[str, MaskFunction] = {"lift": principal_mask, "magnitude": magnitude_mask, "random": random_mask}

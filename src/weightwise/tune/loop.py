@@ -170,8 +170,8 @@ def train(
             done = step + 1
             record = {"step": done, "total": schedule.total_steps, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
                       **schedule.position(step)}
-            if config.refresh_every and done % config.refresh_every == 0 and done < schedule.total_steps:
-                refreshed = method.refresh(done // config.refresh_every)
+            if method.refresh_every and done % method.refresh_every == 0 and done < schedule.total_steps:
+                refreshed = method.refresh(done // method.refresh_every)
                 if refreshed is not None:
                     record["refresh"] = refreshed
                     if not comm.identical(list(method.state()["tensors"].values())):

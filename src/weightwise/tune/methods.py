@@ -1,4 +1,4 @@
-"""Fine-tuning methods as hooks of the one training loop (loop.py): a registry name → class.
+"""Fine-tuning methods as hooks of the one training loop (loop.py): a registry method config type → class.
 
 Every method trains the same targets (by default the Linear layers of the decoder blocks; embeddings,
 norms and lm_head stay frozen) and offers the same hooks:
@@ -6,7 +6,7 @@ norms and lm_head stay frozen) and offers the same hooks:
 - ``prepare(model, targets, resume)`` freezes the model, makes the trained tensors trainable, builds the
   optimizer (from a checkpoint's tensors when ``resume`` is given) and returns the module to run;
 - ``gradients()`` the gradients of one optimizer step (the loop sums them over processes and clips them);
-- ``step(lr)`` / ``zero_grad()``; ``refresh(index)`` (sparse methods: recompute the masks);
+- ``step(lr)`` / ``zero_grad()``; ``refresh(index)`` every ``refresh_every`` steps (sparse methods: recompute the masks);
 - ``state()`` / the ``resume`` argument: everything a checkpoint needs to continue bit for bit;
 - ``save_result(out_dir, metadata, patch_dtype)``: a sparse weight patch, or a peft adapter.
 
@@ -26,10 +26,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from weightwise.errors import WeightwiseError
 from weightwise.tune.comm import Comm
-from weightwise.tune.config import TuneConfig
-from weightwise.tune.lift import MASK_FUNCTIONS, budget_k
+from weightwise.tune.config import (
+    DoraConfig,
+    FullConfig,
+    LiftConfig,
+    LoraConfig,
+    MagnitudeConfig,
+    PissaConfig,
+    RandomMaskConfig,
+    TuneConfig,
+    TuneMethodConfig,
+)
+from weightwise.tune.lift import budget_k, magnitude_mask, principal_mask, random_mask
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +71,11 @@ def extend_union(indices: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, 
 
 
 class TuneMethod(ABC):
-    """The hooks the loop calls; see the module docstring."""
-
-    name: str = ""
+    """The hooks the loop calls; see the module docstring. ``settings`` is ``config.method``, the method's own config."""
 
     def __init__(self, config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None):
         self.config = config
+        self.settings = config.method
         self.comm = comm or Comm()
         self.progress = progress  # (done, total) while the method prepares layer by layer (sparse masks)
 
@@ -87,6 +95,11 @@ class TuneMethod(ABC):
     @abstractmethod
     def zero_grad(self) -> None:
         """Clear the gradients for the next step."""
+
+    @property
+    def refresh_every(self) -> int:
+        """Call :meth:`refresh` every this many optimizer steps; 0 = never."""
+        return 0
 
     def refresh(self, index: int) -> dict | None:
         """Recompute what is trained (sparse masks); None when the method has nothing to refresh."""
@@ -117,7 +130,7 @@ class TuneMethod(ABC):
 
 
 class SparseMethod(TuneMethod):
-    """Train k entries per targeted matrix, chosen by ``MASK_FUNCTIONS[name]``, with SparseAdam.
+    """Train k entries per targeted matrix, chosen by :meth:`mask`, with SparseAdam.
 
     The entries ever trained (the union of all masks so far) are tracked with their base values, so
     the result patch is exact without a copy of the base weights.
@@ -150,16 +163,22 @@ class SparseMethod(TuneMethod):
         self.optimizer.attach_hooks()
         return model
 
+    @abstractmethod
+    def mask(self, weight: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+        """Sorted flat indices of the k entries of ``weight`` to train (randomness only from ``generator``)."""
+
+    @property
+    def refresh_every(self):
+        return self.settings.refresh_every
+
     def _masks(self, refresh_index: int) -> dict[str, torch.Tensor]:
         """Masks from the current weights, computed on process 0 and broadcast (identical everywhere)."""
-        fn = MASK_FUNCTIONS[self.name]
         masks = {}
         for i, (name, p) in enumerate(self.params.items()):
-            k = budget_k(tuple(p.shape), **self.config.budget)
+            k = budget_k(tuple(p.shape), **self.settings.budget)
             if self.comm.is_main:
                 generator = torch.Generator().manual_seed(mask_seed(self.config.seed, refresh_index, i))
-                masks[name] = fn(p.detach(), k, filter_rank=self.config.filter_rank, randomized=self.config.randomized_svd,
-                                 generator=generator).to(p.device)
+                masks[name] = self.mask(p.detach(), k, generator).to(p.device)
             else:
                 masks[name] = torch.empty(k, dtype=torch.long, device=p.device)
             if self.progress is not None:
@@ -225,15 +244,19 @@ class SparseMethod(TuneMethod):
 
 
 class LiftMethod(SparseMethod):
-    name = "lift"
+    def mask(self, weight, k, generator):
+        return principal_mask(weight, k, filter_rank=self.settings.filter_rank, randomized=self.settings.randomized_svd,
+                              generator=generator)
 
 
 class MagnitudeMethod(SparseMethod):
-    name = "magnitude"
+    def mask(self, weight, k, generator):
+        return magnitude_mask(weight, k)
 
 
 class RandomMethod(SparseMethod):
-    name = "random"
+    def mask(self, weight, k, generator):
+        return random_mask(weight, k, generator=generator)
 
 
 # --- dense optimizers: full fine-tuning and the peft adapters ---------------------------------------
@@ -295,8 +318,6 @@ class FullMethod(_AdamWMethod):
     """Every entry of the targeted weights (the decoder blocks' linears by default), AdamW; the result is
     a dense patch (every changed entry), kept against a copy of the base weights."""
 
-    name = "full"
-
     def prepare(self, model, targets, resume=None):
         freeze(model)
         self.params = {name: module.weight for name, module in targets.items()}
@@ -316,27 +337,26 @@ class FullMethod(_AdamWMethod):
 
 
 class LoraMethod(_AdamWMethod):
-    """peft LoRA on the targeted Linear layers; ``variant`` dora (weight-decomposed) or pissa (adapters
-    initialised from the principal singular vectors, the base keeping the residual).
+    """peft LoRA on the targeted Linear layers; the config's ``use_dora`` (DoRA, weight-decomposed) or
+    ``pissa_init`` (PiSSA, adapters initialised from the principal singular vectors, the base keeping the residual).
 
     The result is a standard peft adapter folder. A PiSSA adapter is converted on save into a LoRA
     (of twice the rank) that applies to the original base weights, so any peft user can load it.
     """
 
-    name = "lora"
-
     def prepare(self, model, targets, resume=None):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
 
         freeze(model)
-        lora = LoraConfig(
-            r=self.config.resolved_lora_rank, lora_alpha=self.config.resolved_lora_alpha,
-            lora_dropout=self.config.lora_dropout, target_modules=list(targets), use_dora=self.name == "dora",
-            init_lora_weights="pissa" if self.name == "pissa" else True,
+        adapter = self.settings
+        lora = PeftLoraConfig(
+            r=adapter.rank, lora_alpha=adapter.resolved_alpha, lora_dropout=adapter.dropout, target_modules=list(targets),
+            use_dora=adapter.use_dora, init_lora_weights="pissa" if adapter.pissa_init else True,
         )
         self.model = get_peft_model(model, lora)
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        self.initial = {name: p.detach().clone() for name, p in self.params.items()} if self.name == "pissa" else None
+        self.initial = {name: p.detach().clone() for name, p in self.params.items()} if adapter.pissa_init else None
         self._build_optimizer(resume)
         return self.model
 
@@ -369,21 +389,12 @@ class LoraMethod(_AdamWMethod):
                 p.copy_(trained[name])
 
 
-class DoraMethod(LoraMethod):
-    name = "dora"
-
-
-class PissaMethod(LoraMethod):
-    name = "pissa"
-
-
-METHODS: dict[str, type[TuneMethod]] = {
-    cls.name: cls for cls in (LiftMethod, MagnitudeMethod, RandomMethod, FullMethod, LoraMethod, DoraMethod, PissaMethod)
+METHODS: dict[type[TuneMethodConfig], type[TuneMethod]] = {
+    LiftConfig: LiftMethod, MagnitudeConfig: MagnitudeMethod, RandomMaskConfig: RandomMethod, FullConfig: FullMethod,
+    LoraConfig: LoraMethod, DoraConfig: LoraMethod, PissaConfig: LoraMethod,
 }
 
 
 def make_method(config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None) -> TuneMethod:
-    try:
-        return METHODS[config.method](config, comm, progress)
-    except KeyError:
-        raise WeightwiseError(f"unknown method '{config.method}' (known: {', '.join(METHODS)})") from None
+    """The hooks of ``config.method`` (every method config type of the union has one)."""
+    return METHODS[type(config.method)](config, comm, progress)
