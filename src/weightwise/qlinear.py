@@ -5,12 +5,17 @@ is one dequantization per forward call, unless :func:`dequantized_once` holds th
 stretch of many calls (calibration, generation, evaluation). Optional low-rank compensation factors
 (LoRC) are added to the dequantized weight. An optional activation format (``act_format``)
 fake-quantizes the input per token before the matmul (simulated W8A8 / W4A8); it stores nothing.
+
+The weight is a differentiable function of the group scales and offsets (the codes fixed):
+:meth:`QuantizedLinear.weight_from` computes it for given ones, and :meth:`QuantizedLinear.use_scales`
+makes forward compute it from trainable ones on every call, so a loss on the outputs trains them
+(block tuning; quantization-aware training); :meth:`QuantizedLinear.set_scales` stores the result.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 
@@ -21,13 +26,16 @@ from torch import nn
 
 from weightwise.formats.activations import activation_spec, fake_quantize_activations
 from weightwise.formats.base import QuantizedTensor, QuantSpec
-from weightwise.formats.quantizer import dequantize, stored_layout
+from weightwise.formats.quantizer import dequantize_with, encode_scale, float_scales, stored_layout
 from weightwise.formats.lowrank import FactorDtype, LowRankFactors
 from weightwise.records import LayerRecord
 
 logger = logging.getLogger(__name__)
 
 _TENSOR_FIELDS = tuple(f.name for f in fields(QuantizedTensor) if f.name not in ("shape", "spec"))
+
+# Returns the float32 group scales (R, G) and offsets (None for symmetric formats) forward should use.
+ScaleSource = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _lowrank_layout(out_features: int, in_features: int, rank: int, dtype: FactorDtype) -> dict:
@@ -49,6 +57,7 @@ class QuantizedLinear(nn.Module):
             activation_spec(act_format)  # refuse an unknown format now, not at the first forward
         self.act_format = act_format
         self._weight_cache: torch.Tensor | None = None  # set only through hold_weight()
+        self._scale_source: ScaleSource | None = None  # set only through use_scales()
         for name in _TENSOR_FIELDS:
             self.register_buffer(name, None)
         for name, (size, dtype) in stored_layout((out_features, in_features), spec).items():
@@ -94,10 +103,48 @@ class QuantizedLinear(nn.Module):
         names = _lowrank_layout(self.out_features, self.in_features, *self.lowrank)
         return LowRankFactors(**{name: getattr(self, f"lowrank_{name}") for name in names})
 
-    def dequantized_weight(self) -> torch.Tensor:
-        weight = dequantize(self.quantized_tensor())
+    @property
+    def free_scales(self) -> bool:
+        """Whether the scales may take any float value (not MX exponents, not power-of-two constrained), so
+        that :meth:`set_scales` can store tuned ones."""
+        s = self.spec
+        return s.number_format.scaling != "mx" and s.pow2_scales == "none" and s.resolved_scale_dtype != "e8m0"
+
+    def stored_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float32 group scales (R, G) and offsets (None for symmetric formats) as stored."""
+        return float_scales(self.quantized_tensor())
+
+    def weight_from(self, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight from the stored codes with float32 group ``scales`` and ``offsets`` (shaped as
+        :meth:`stored_scales`) instead of the stored ones, plus the low-rank term: differentiable in them."""
+        weight = dequantize_with(self.quantized_tensor(), scales, offsets)
         factors = self.lowrank_factors()
         return weight if factors is None else weight + factors.delta()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_from(*self.stored_scales())
+
+    def set_scales(self, scales: torch.Tensor, offsets: torch.Tensor | None = None) -> None:
+        """Store float32 group ``scales`` and ``offsets`` (e.g. tuned ones), rounded to the storage dtype."""
+        if not self.free_scales:
+            raise ValueError(f"scales of format {self.spec.format} (scale dtype {self.spec.resolved_scale_dtype}, "
+                             f"pow2_scales {self.spec.pow2_scales}) cannot be set freely")
+        dtype = self.spec.resolved_scale_dtype
+        with torch.no_grad():
+            self.scales.copy_(encode_scale(scales, dtype))
+            if offsets is not None:
+                self.offsets.copy_(encode_scale(offsets, dtype))
+
+    @property
+    def scale_source(self) -> ScaleSource | None:
+        """What forward computes its weight from instead of the stored scales, if anything (see :meth:`use_scales`)."""
+        return self._scale_source
+
+    def use_scales(self, source: ScaleSource | None) -> None:
+        """Make every forward call compute its weight as ``weight_from(*source())``: with trainable scales and
+        offsets behind ``source``, a loss on the outputs differentiates through them; None uses the stored ones.
+        Takes precedence over a held weight."""
+        self._scale_source = source
 
     @property
     def held_weight(self) -> torch.Tensor | None:
@@ -105,8 +152,8 @@ class QuantizedLinear(nn.Module):
         return self._weight_cache
 
     def hold_weight(self, weight: torch.Tensor | None) -> None:
-        """Make forward use ``weight`` (the float weight, e.g. dequantized once or a differentiable function of
-        tuned scales) instead of dequantizing the stored codes on every call; None dequantizes again."""
+        """Make forward use ``weight`` (the float weight dequantized once) instead of dequantizing the stored
+        codes on every call; None dequantizes again."""
         self._weight_cache = weight
 
     def stored_bits(self) -> int:
@@ -115,7 +162,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        weight = self._weight_cache if self._weight_cache is not None else self.dequantized_weight()
+        if self._scale_source is not None:
+            weight = self.weight_from(*self._scale_source())
+        else:
+            weight = self._weight_cache if self._weight_cache is not None else self.dequantized_weight()
         if self.act_format is not None:
             x = fake_quantize_activations(x, self.act_format)
         return F.linear(x, weight.to(x.dtype), bias)
@@ -136,10 +186,12 @@ def dequantized_once(module: nn.Module, max_bytes: int | None = None) -> Iterato
     The float weights (float32, 4 bytes a parameter) are held only if they fit: in ``max_bytes`` when
     given, else in half the memory now free on each device that holds them, leaving the rest for
     activations and caches. If they do not fit, forward calls dequantize as usual (logged). Layers that
-    already hold a weight (an enclosing call) keep it. On exit the float weights are dropped, so memory
+    already hold a weight (an enclosing call) keep it; layers computing theirs from trained scales
+    (:meth:`QuantizedLinear.use_scales`) are left alone. On exit the float weights are dropped, so memory
     returns to the packed size.
     """
-    layers = [m for m in module.modules() if isinstance(m, QuantizedLinear) and m.held_weight is None]
+    layers = [m for m in module.modules()
+              if isinstance(m, QuantizedLinear) and m.held_weight is None and m.scale_source is None]
     needed = _float_weight_bytes(layers)
     if max_bytes is not None:
         fits = sum(needed.values()) <= max_bytes

@@ -220,16 +220,27 @@ def unpacked_codes(qt: QuantizedTensor) -> torch.Tensor:
     return unpack_codes(qt.packed_codes, qt.spec.number_format.bits, rows * cols).reshape(rows, cols)
 
 
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    """float32 weight of ``shape`` from a :class:`QuantizedTensor`."""
-    spec, fmt, dtype = qt.spec, qt.spec.number_format, qt.spec.resolved_scale_dtype
+def float_scales(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 group scales (R, G) and offsets (asymmetric formats; else None) of a quantized tensor, as stored."""
+    return group_scales(qt), None if qt.offsets is None else decode_scale(qt.offsets, qt.spec.resolved_scale_dtype)
+
+
+def dequantize_with(qt: QuantizedTensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """float32 weight of ``shape`` from the codes of ``qt`` with float32 group ``scales`` and ``offsets`` (R, G)
+    in place of its stored ones: differentiable in them (the codes are constants)."""
+    spec = qt.spec
+    if (offsets is None) != (qt.offsets is None):
+        raise ValueError(f"format {spec.format} {'needs' if qt.offsets is not None else 'has no'} offsets")
     codes = unpacked_codes(qt)
     if spec.granularity == "group" and qt.shape[1] % spec.resolved_group_size:
         codes = torch.nn.functional.pad(codes, (0, (-qt.shape[1]) % spec.resolved_group_size))
     R, G, _ = group_layout(qt.shape, spec)
-    grouped = codes.reshape(R, G, -1)
-    offset = None if qt.offsets is None else decode_scale(qt.offsets, dtype)
-    return from_groups(from_codes(grouped, group_scales(qt), offset, fmt), qt.shape)
+    return from_groups(from_codes(codes.reshape(R, G, -1), scales, offsets, spec.number_format), qt.shape)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 weight of ``shape`` from a :class:`QuantizedTensor`."""
+    return dequantize_with(qt, *float_scales(qt))
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The one training loop. Methods differ only by their hooks (methods.py); the loop owns the data order,
-gradient accumulation, the loss, the cross-process sum, clipping, the learning rate, mask refreshes and
-checkpoints.
+"""Fine-tuning on text examples through the one optimisation loop (steps.py). Methods differ only by their
+hooks (methods.py); this module owns the data order, gradient accumulation, the loss, the learning rate
+schedule and checkpoints; steps.py the backward passes, cross-process sum, clipping, updates and refreshes.
 
 Data order: epoch e visits the examples in ``randperm(n, seed(e))`` order, cut into global batches of
 ``batch_size × grad_accum``; the last partial batch of an epoch is dropped. The position in the data is
@@ -15,11 +15,7 @@ process runs batches of b or two run b/2 each (process r takes rows [r·b/w, (r+
 from __future__ import annotations
 
 import logging
-import math
-import resource
-import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +28,9 @@ from weightwise.tune.checkpoint import TuneCheckpoints, rng_state
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import TuneConfig
 from weightwise.tune.methods import TuneMethod
+from weightwise.tune.steps import Step, StepCallback, run_steps
 
 logger = logging.getLogger(__name__)
-
-StepCallback = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -83,26 +78,9 @@ def learning_rate(step: int, config: TuneConfig) -> float:
     return config.lr
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
-    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``; returns the norm before."""
-    if not grads:
-        return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-    if max_norm is not None and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
-    return norm
-
-
 def answer_token_count(example: dict) -> int:
     """Tokens whose loss is taken: labelled positions after the first (position 0 is never predicted)."""
     return int((example["labels"][1:] != IGNORE_INDEX).sum())
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (MB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,73 +121,40 @@ def train(
     lengths = [len(ex["input_ids"]) for ex in examples]
     if comm.world > 1:
         comm.broadcast(method.trainable_tensors())
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    total_tokens = 0
+
+    def steps() -> Iterator[Step]:
+        for step in range(start_step, schedule.total_steps):
+            indices = global_batch(step, schedule, config.seed)
+            n_answer = max(1, sum(counts[i] for i in indices))
+            micro = [indices[m * config.batch_size : (m + 1) * config.batch_size] for m in range(config.grad_accum)]
+            shards = [(rows[comm.rank * per_rank : (comm.rank + 1) * per_rank], n_answer) for rows in micro]
+            yield Step(step, shards, schedule.position(step), sum(lengths[i] for i in indices))
+
+    def loss(micro: tuple[list[int], int]) -> torch.Tensor:
+        """The micro-batch's summed answer-token loss over the answer tokens of the whole global batch."""
+        shard, n_answer = micro
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in shard], pad_token_id).items()}
+        return micro_loss(model, batch) / n_answer
+
+    def checkpoint(done: int) -> None:
+        if checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                and done < schedule.total_steps:
+            if comm.is_main:
+                info = {**(checkpoint_info or {}), "data_position": schedule.position(done)}
+                path = checkpoints.save(done, method.state(), rng_state(device), info)
+                if on_checkpoint is not None:
+                    on_checkpoint(done, str(path))
+            comm.barrier()
+
     was_training = model.training
     model.train()
     try:
-        for step in range(start_step, schedule.total_steps):
-            started = time.perf_counter()
-            indices = global_batch(step, schedule, config.seed)
-            n_answer = max(1, sum(counts[i] for i in indices))
-            loss = torch.zeros(1, dtype=torch.float32, device=device)
-            for micro in range(config.grad_accum):
-                rows = indices[micro * config.batch_size : (micro + 1) * config.batch_size]
-                shard = rows[comm.rank * per_rank : (comm.rank + 1) * per_rank]
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in shard], pad_token_id).items()}
-                nll = micro_loss(model, batch)
-                (nll / n_answer).backward()
-                loss += nll.detach() / n_answer
-            grads = method.gradients()
-            comm.all_reduce_sum([*grads, loss])
-            grad_norm = clip_(grads, config.max_grad_norm)
-            lr = learning_rate(step, config)
-            method.step(lr)
-            method.zero_grad()
-            done = step + 1
-            record = {"step": done, "total": schedule.total_steps, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-                      **schedule.position(step)}
-            if method.refresh_every and done % method.refresh_every == 0 and done < schedule.total_steps:
-                refreshed = method.refresh(done // method.refresh_every)
-                if refreshed is not None:
-                    record["refresh"] = refreshed
-                    if not comm.identical(list(method.state()["tensors"].values())):
-                        raise RuntimeError(f"the processes hold different masks after the refresh at step {done}")
-            seconds = time.perf_counter() - started
-            tokens = sum(lengths[i] for i in indices)
-            total_tokens += tokens
-            losses.append(record["loss"])
-            step_seconds.append(seconds)
-            record.update(tokens=tokens, tokens_per_second=tokens / seconds, step_seconds=seconds, peak_rss_mb=peak_rss_mb())
-            if not math.isfinite(record["loss"]):
-                raise WeightwiseError(f"the loss became {record['loss']} at step {done}: lower --lr or check the data")
-            if on_step is not None:
-                on_step(record)  # before the checkpoint: a resumed run's log keeps every step up to its checkpoint
-            if checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
-                    and done < schedule.total_steps:
-                if comm.is_main:
-                    info = {**(checkpoint_info or {}), "data_position": schedule.position(done)}
-                    path = checkpoints.save(done, method.state(), rng_state(device), info)
-                    if on_checkpoint is not None:
-                        on_checkpoint(done, str(path))
-                comm.barrier()
+        summary = run_steps(method, steps(), loss, total=schedule.total_steps,
+                            learning_rate=lambda step: learning_rate(step, config), max_grad_norm=config.max_grad_norm,
+                            comm=comm, on_step=on_step, after_step=checkpoint)
     finally:
         model.train(was_training)
     if not comm.identical(list(method.state()["tensors"].values())):
         raise RuntimeError("the processes ended with different trained weights, masks or optimizer states")
-    seconds = sum(step_seconds)
-    return {
-        "steps": schedule.total_steps,
-        "steps_run": len(losses),
-        "start_step": start_step,
-        "steps_per_epoch": schedule.steps_per_epoch,
-        "global_batch": schedule.global_batch,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "tokens": total_tokens,
-        "seconds": seconds,
-        "tokens_per_second": total_tokens / seconds if seconds else None,
-        "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else None,
-        "peak_rss_mb": peak_rss_mb(),
-    }
+    return {"steps": schedule.total_steps, "steps_run": summary.pop("steps_run"), "start_step": start_step,
+            "steps_per_epoch": schedule.steps_per_epoch, "global_batch": schedule.global_batch, **summary}

@@ -1,4 +1,5 @@
-"""Fine-tuning methods as hooks of the one training loop (loop.py): a registry method config type → class.
+"""Fine-tuning methods as hooks of the one optimisation loop (steps.py, run by loop.py): a registry method
+config type → class.
 
 Every method trains the same targets (by default the Linear layers of the decoder blocks; embeddings,
 norms and lm_head stay frozen) and offers the same hooks:
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from weightwise.tune.config import (
     TuneMethodConfig,
 )
 from weightwise.tune.lift import budget_k, magnitude_mask, principal_mask, random_mask
+from weightwise.tune.steps import StepHooks, TorchOptimizerHooks
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def extend_union(indices: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, 
     return union, values
 
 
-class TuneMethod(ABC):
+class TuneMethod(StepHooks):
     """The hooks the loop calls; see the module docstring. ``settings`` is ``config.method``, the method's own config."""
 
     def __init__(self, config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None):
@@ -83,27 +85,6 @@ class TuneMethod(ABC):
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], resume: dict | None = None) -> nn.Module:
         """Freeze ``model``, make the trained tensors trainable, build the optimizer (restored from ``resume``,
         a checkpoint of :meth:`state`); returns the module the loop runs."""
-
-    @abstractmethod
-    def gradients(self) -> list[torch.Tensor]:
-        """This step's gradients, after the backward passes; the loop sums them over processes and clips them in place."""
-
-    @abstractmethod
-    def step(self, lr: float) -> None:
-        """One optimizer update at learning rate ``lr``."""
-
-    @abstractmethod
-    def zero_grad(self) -> None:
-        """Clear the gradients for the next step."""
-
-    @property
-    def refresh_every(self) -> int:
-        """Call :meth:`refresh` every this many optimizer steps; 0 = never."""
-        return 0
-
-    def refresh(self, index: int) -> dict | None:
-        """Recompute what is trained (sparse masks); None when the method has nothing to refresh."""
-        return None
 
     @abstractmethod
     def state(self) -> dict:
@@ -194,6 +175,8 @@ class SparseMethod(TuneMethod):
             for key in totals:
                 totals[key] += counts[key]
             self.touched[name] = extend_union(*self.touched[name], idx, self.params[name])
+        if not self.comm.identical(list(self.state()["tensors"].values())):
+            raise RuntimeError(f"the processes hold different masks after refresh {index}")
         return totals
 
     def gradients(self):
@@ -262,7 +245,7 @@ class RandomMethod(SparseMethod):
 # --- dense optimizers: full fine-tuning and the peft adapters ---------------------------------------
 
 
-class _AdamWMethod(TuneMethod):
+class _AdamWMethod(TorchOptimizerHooks, TuneMethod):
     """Shared by full and LoRA: torch AdamW over ``self.params`` (name → parameter)."""
 
     def _build_optimizer(self, resume: dict | None) -> None:
@@ -279,22 +262,6 @@ class _AdamWMethod(TuneMethod):
                 for i, name in enumerate(self.params) if f"optim.{name}.step" in tensors
             }
             self.optimizer.load_state_dict(state)
-
-    def gradients(self):
-        grads = []
-        for p in self.params.values():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        return grads
-
-    def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
 
     def state(self):
         tensors = {f"value.{name}": p.detach() for name, p in self.params.items()}
