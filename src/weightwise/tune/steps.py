@@ -159,7 +159,7 @@ def run_steps(
         record.update(tokens=step.tokens, tokens_per_second=step.tokens / seconds, step_seconds=seconds,
                       peak_rss_mb=peak_rss_mb())
         if not math.isfinite(record["loss"]):
-            raise Diverged(f"the loss became {record['loss']} at step {done}: lower --lr or check the data")
+            raise Diverged(f"the loss became {record['loss']} at step {done}: lower the learning rate or check the data")
         if on_step is not None:
             on_step(record)  # before after_step: a resumed run's log keeps every step up to its checkpoint
         if after_step is not None:
