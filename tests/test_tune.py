@@ -29,7 +29,8 @@ def toy_task(tmp_path):
 
 
 SPARSE = {"density": 0.1}
-QUICK_METHOD = {"lift": {**SPARSE, "filter_rank": 8}, "magnitude": SPARSE, "random": SPARSE}  # as flat shortcuts
+QUICK_METHOD = {"lift": {**SPARSE, "filter_rank": 8}, "magnitude": SPARSE, "random": SPARSE,
+                "qat": {"group_size": 32}}  # as flat shortcuts
 
 
 def quick(task: str, method: str = "lift", **fields) -> TuneConfig:
@@ -158,7 +159,7 @@ def test_public_api_exports_tune_and_its_config(tmp_path):
 
 def test_registry_covers_every_method():
     assert set(METHODS) == set(METHOD_CONFIGS)
-    assert set(METHOD_NAMES) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random"}
+    assert set(METHOD_NAMES) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random", "qat"}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_NAMES))

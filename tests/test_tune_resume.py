@@ -1,5 +1,5 @@
 """A `weightwise tune` process killed (SIGKILL) after its first checkpoint; the same command run again resumes
-and ends with exactly the weights of an uninterrupted run."""
+and ends with exactly the result of an uninterrupted run (a LIFT patch; a qat quantized run)."""
 
 import json
 import signal
@@ -9,8 +9,27 @@ import time
 
 import torch
 
+from test_qat import assert_same_tensors
 from test_tune import run_cli, toy_lift_command
 from weightwise.tune.patch import WeightPatch
+
+
+def killed_after_first_checkpoint(args: list, out, log) -> int:
+    """Run `weightwise` with ``args`` writing to ``out`` in a process killed once a checkpoint exists; returns the
+    steps it logged."""
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "weightwise.cli", *map(str, args), "-o", str(out)],
+                                stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not list(out.glob("checkpoints/step-*/state.json")):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists(), "the run finished before it was killed: make it longer"
+    return len((out / "metrics.jsonl").read_text().splitlines())
 
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(capsys, monkeypatch, tiny_dir, tmp_path):
@@ -18,21 +37,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(capsys, monkeypatch, ti
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     code, _, err = run_cli(capsys, monkeypatch, *args, "-o", reference)
     assert code == 0, err
-
-    with open(tmp_path / "killed.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "weightwise.cli", *map(str, args), "-o", str(killed)],
-                                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not list(killed.glob("checkpoints/step-*/state.json")):
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "manifest.json").exists(), "the run finished before it was killed: make it longer"
-    done_before_kill = len((killed / "metrics.jsonl").read_text().splitlines())
-    assert done_before_kill < 12
+    assert killed_after_first_checkpoint(args, killed, tmp_path / "killed.log") < 12
 
     code, _, err = run_cli(capsys, monkeypatch, *args, "-o", killed)
     assert code == 0, err
@@ -45,4 +50,25 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(capsys, monkeypatch, ti
     for name, (idx, values) in theirs.entries.items():
         assert torch.equal(ours.entries[name][0], idx), name  # same union of masks
         assert torch.equal(ours.entries[name][1], values), name  # bit-identical fp32 deltas
+    assert not (killed / "checkpoints").exists()
+
+
+def test_killed_qat_run_resumes_to_the_uninterrupted_quantized_run(capsys, monkeypatch, tiny_dir, tmp_path):
+    args = [*toy_lift_command(tiny_dir, tmp_path, steps=16, refresh_every=3)[:4], "--method", "qat", "--format",
+            "int2_asym", "--group-size", "32", "--train-examples", "16", "--batch-size", "4", "--grad-accum", "2",
+            "--steps", "16", "--checkpoint-every", "2", "--test-examples", "0", "--retention-max-tokens", "0",
+            "--lr", "0.005"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    code, out, err = run_cli(capsys, monkeypatch, *args, "-o", reference)
+    assert code == 0, err
+    assert "qat" in out and "model" in out
+    assert killed_after_first_checkpoint(args, killed, tmp_path / "killed.log") < 16
+
+    code, _, err = run_cli(capsys, monkeypatch, *args, "-o", killed)
+    assert code == 0, err
+    assert "resumed from step" in err
+    logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (reference, killed)]
+    keys = ("step", "loss", "qat_oscillating", "qat_frozen")
+    assert [[r[k] for k in keys] for r in logs[0]] == [[r[k] for k in keys] for r in logs[1]]
+    assert_same_tensors(killed / "model", reference / "model")
     assert not (killed / "checkpoints").exists()

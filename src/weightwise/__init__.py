@@ -32,6 +32,7 @@ _API = {
     "LoraConfig": "weightwise.tune.config",
     "DoraConfig": "weightwise.tune.config",
     "PissaConfig": "weightwise.tune.config",
+    "QATConfig": "weightwise.tune.config",
     "tune": "weightwise.tune.api",
 }
 

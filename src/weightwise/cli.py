@@ -271,7 +271,7 @@ _S = shortcut_description
 @app.command("tune")
 def tune_cmd(
     model: ModelArg = "default",
-    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors or adapter/, metrics, manifest.json, checkpoints while running).")] = ...,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors, adapter/ or model/ (qat: a quantized run), metrics, manifest.json, checkpoints while running).")] = ...,
     task: Annotated[Optional[str], typer.Option("--task", help=_T["task"].description)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=_T["method"].description)] = None,
     density: Annotated[Optional[float], typer.Option("--density", help=_S("density"))] = None,
@@ -294,6 +294,9 @@ def tune_cmd(
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help=_S("lora_rank"))] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help=_S("lora_alpha"))] = None,
     lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help=_S("lora_dropout"))] = None,
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help=_S("format"))] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help=_S("group_size"))] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help=_S("init"))] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_T["checkpoint_every"].description)] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help=_T["patch_dtype"].description)] = None,
     retention_max_tokens: Annotated[Optional[int], typer.Option("--retention-max-tokens", help=_T["retention_max_tokens"].description)] = None,
@@ -304,9 +307,9 @@ def tune_cmd(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
-    """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch or a peft adapter.
+    """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch, a peft adapter or (qat) a quantized run.
 
-    The method options (--density ... --lora-dropout) set the chosen method's settings; one it does not read is an error.
+    The method options (--density ... --init) set the chosen method's settings; one it does not read is an error.
 
     Checkpoints every --checkpoint-every steps: rerunning the same command after a kill resumes and ends
     with the same weights. Runs unchanged on N processes under `torchrun --nproc_per_node N -m weightwise.cli tune ...`
@@ -323,7 +326,8 @@ def tune_cmd(
         randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, lr=lr, warmup_steps=warmup_steps,
         max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
         train_examples=train_examples, test_examples=test_examples, test_task=test_task, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, checkpoint_every=checkpoint_every, patch_dtype=patch_dtype,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, format=format, group_size=group_size, init=init,
+        checkpoint_every=checkpoint_every, patch_dtype=patch_dtype,
         retention_max_tokens=retention_max_tokens, eval_before=eval_before))
     main_process = int(os.environ.get("RANK", "0")) == 0
     out = console if main_process else Console(stderr=True, quiet=True)

@@ -6,8 +6,8 @@ Output folder ``OUT``:
 - ``tune_config.json`` (the hyperparameters and base model hash, written first);
 - ``metrics.jsonl`` (one line per optimizer step) and ``tensorboard/`` when TensorBoard is installed;
 - ``checkpoints/step-N/`` while the run goes on (deleted at the end unless ``keep_checkpoints``);
-- at the end ``patch.safetensors`` (sparse and full methods) or ``adapter/`` (peft), ``metrics.json`` and,
-  last, ``manifest.json``: a folder with a manifest is a finished run.
+- at the end ``patch.safetensors`` (sparse and full methods), ``adapter/`` (peft) or ``model/`` (qat: a quantized
+  run, with the tokenizer), ``metrics.json`` and, last, ``manifest.json``: a folder with a manifest is a finished run.
 
 Rerunning on a folder that holds a checkpoint of the same config and base model resumes from it and ends
 with the same weights as an uninterrupted run; a folder of another run is refused unless ``overwrite``.
@@ -72,7 +72,8 @@ def tune(
     """Fine-tune ``model`` in place on ``config.task`` and write the run folder ``output_dir``.
 
     Sparse and full methods change the targeted weights in place; lora/dora/pissa inject peft adapter
-    layers into ``model`` (so ``model`` runs with them). Returns the metrics also written to metrics.json:
+    layers into ``model`` (so ``model`` runs with them); qat replaces the targets by fake-quantized layers
+    (so ``model`` runs as its saved quantized run). Returns the metrics also written to metrics.json:
     training summary, trained entries, optimizer state bytes, and before/after exact match and retention
     perplexity. ``progress(phase, done, total, info)`` is called on process 0 only (phases: "eval before",
     "masks" (sparse methods, per layer), "train", "eval after"; ``info`` carries the loop's step record, or
@@ -143,7 +144,7 @@ def tune(
         metadata = {"base_model_hash": base_hash, "method": config.method.name,
                     **(config.method.budget if config.method.sparse else {}),
                     "config": config.model_dump(), "metrics": _headline(metrics)}
-        files = method.save_result(out, metadata, config.patch_dtype)
+        files = method.save_result(out, metadata, config.patch_dtype, tokenizer)
         metrics["files"] = files
         write_json_atomic(out / METRICS_FILE, metrics)
         write_manifest(out, TUNE_RUN_KIND, name=out.name, config=config.model_dump(), base_model_hash=base_hash,

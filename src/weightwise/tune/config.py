@@ -2,7 +2,7 @@
 
 The method and its own settings are one typed config per method (``method``, discriminated by ``name``):
 the sparse methods (lift, magnitude, random) carry a budget, lift its filter too, the peft adapters (lora,
-dora, pissa) a rank. The flat fields of version 1 (``density``, ``lora_rank``, ...) still work as shortcuts.
+dora, pissa) a rank, qat the quantization spec of its result and its oscillation handling. The flat fields of version 1 (``density``, ``lora_rank``, ...) still work as shortcuts.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from weightwise.formats.base import Granularity, QuantSpec
 
 TUNE_CONFIG_VERSION = 2
 DEFAULT_DENSITY = 0.05
@@ -120,17 +122,57 @@ class PissaConfig(AdapterMethodConfig):
     pissa_init: ClassVar[bool] = True
 
 
+QAT_FORMATS = "int2..int8 (signed) or int2_asym..int8_asym"
+
+
+class QATConfig(TuneMethodConfig):
+    """Quantization-aware training (qat.py): latent float weights and (LSQ/LSQ+) learned scales and offsets of the
+    targeted Linears, trained through their fake-quantized weights; the result is a quantized run of ``spec``.
+
+    Oscillations of weights between two grid points (Nagel et al. 2022, arXiv 2203.11086) are tracked, and can be
+    damped (a pull towards the bin centre) or frozen (fixed to their most frequent code).
+    """
+
+    name: Literal["qat"] = "qat"
+    format: str = Field("int4", description=f"Integer format of the result ({QAT_FORMATS}).")
+    granularity: Granularity = Field("group", description=QuantSpec.model_fields["granularity"].description)
+    group_size: int | None = Field(None, description=QuantSpec.model_fields["group_size"].description)
+    init: str = Field("rtn", description="Start from round-to-nearest of the weights ('rtn') or from a weightwise "
+                      "quantized run of the same model and spec (a folder: its scales and dequantized weights).")
+    learn_scales: bool = Field(True, description="Train the group scales and offsets (LSQ/LSQ+, gradients scaled by "
+                               "1/sqrt(group size × largest code)); false keeps the initial ones.")
+    oscillation_momentum: float = Field(0.01, gt=0, le=1, description="Momentum of the per-weight moving average of "
+                                        "oscillations (a code change that reverses the previous one).")
+    dampening: float = Field(0.0, ge=0, description="Weight of the dampening loss: the mean squared distance of each "
+                             "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
+    freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
+                                           "once its oscillation frequency exceeds this; null = never.")
+
+    @model_validator(mode="after")
+    def _integer_grid(self):
+        fmt = self.spec.number_format
+        if fmt.family != "integer" or fmt.code_offset is None or fmt.scaling not in ("signed_absmax", "minmax"):
+            raise ValueError(f"qat trains integer grids, not format '{self.format}': use {QAT_FORMATS}")
+        return self
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The quantization spec of the result."""
+        return QuantSpec(format=self.format, granularity=self.granularity, group_size=self.group_size)
+
+
 METHOD_CONFIGS: tuple[type[TuneMethodConfig], ...] = (
-    LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig)
+    LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig, QATConfig)
 MethodConfig = Annotated[Union[LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig,
-                               PissaConfig], Field(discriminator="name")]
+                               PissaConfig, QATConfig], Field(discriminator="name")]
 METHOD_NAMES: tuple[str, ...] = tuple(cls.model_fields["name"].default for cls in METHOD_CONFIGS)
 _BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
 
 # The flat fields of version 1 (and the tune command's flags): shortcut → the method-config field it sets.
 SHORTCUTS = {"density": "density", "rank_budget": "rank_budget", "filter_rank": "filter_rank",
              "randomized_svd": "randomized_svd", "refresh_every": "refresh_every", "lora_rank": "rank",
-             "lora_alpha": "alpha", "lora_dropout": "dropout"}
+             "lora_alpha": "alpha", "lora_dropout": "dropout", "format": "format", "group_size": "group_size",
+             "init": "init"}
 
 
 def shortcut_readers(shortcut: str) -> list[str]:
@@ -204,8 +246,8 @@ class TuneConfig(BaseModel):
     method: MethodConfig = Field(
         default_factory=LiftConfig,
         description="lift (principal weights of a rank-reduced W, sparse Adam), magnitude or random (sparse baselines: "
-        "top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft): a name, or a "
-        "mapping with `name` and the method's settings.")
+        "top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft), qat "
+        "(quantization-aware training: a quantized run): a name, or a mapping with `name` and the method's settings.")
     task: str = Field("arithmetic", description="'arithmetic' (DeepMind mathematics_dataset problems) or a .jsonl file "
                       "of {prompt, response} / {messages} records.")
     train_examples: int = Field(2000, ge=1, description="Training examples drawn from the task.")

@@ -9,10 +9,13 @@ norms and lm_head stay frozen) and offers the same hooks:
 - ``gradients()`` the gradients of one optimizer step (the loop sums them over processes and clips them);
 - ``step(lr)`` / ``zero_grad()``; ``refresh(index)`` every ``refresh_every`` steps (sparse methods: recompute the masks);
 - ``state()`` / the ``resume`` argument: everything a checkpoint needs to continue bit for bit;
-- ``save_result(out_dir, metadata, patch_dtype)``: a sparse weight patch, or a peft adapter.
+- ``step_metrics()`` numbers of the step just taken for its record (qat: oscillating and frozen fractions);
+- ``save_result(out_dir, metadata, patch_dtype, tokenizer)``: a sparse weight patch, a peft adapter, or (qat) a
+  quantized model folder.
 
 Sparse methods (lift, magnitude, random) keep Adam moments for the k masked entries only (SparseAdam);
-full fine-tuning uses AdamW on every targeted weight; lora, dora and pissa wrap the model with peft.
+full fine-tuning uses AdamW on every targeted weight; lora, dora and pissa wrap the model with peft;
+qat (qat.py) trains latent weights and scales through fake quantization. The base classes are in base.py.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from weightwise.tune.base import AdamWMethod, TuneMethod, freeze
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import (
     DoraConfig,
@@ -35,22 +38,18 @@ from weightwise.tune.config import (
     LoraConfig,
     MagnitudeConfig,
     PissaConfig,
+    QATConfig,
     RandomMaskConfig,
     TuneConfig,
     TuneMethodConfig,
 )
 from weightwise.tune.lift import budget_k, magnitude_mask, principal_mask, random_mask
-from weightwise.tune.steps import StepHooks, TorchOptimizerHooks
+from weightwise.tune.qat import QATMethod
 
 logger = logging.getLogger(__name__)
 
 PATCH_FILE = "patch.safetensors"
 ADAPTER_DIR = "adapter"
-
-
-def freeze(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 def mask_seed(seed: int, refresh_index: int, layer_index: int) -> int:
@@ -70,41 +69,6 @@ def extend_union(indices: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, 
     values[~new] = base
     values[new] = weight.detach().reshape(-1)[union[new]]
     return union, values
-
-
-class TuneMethod(StepHooks):
-    """The hooks the loop calls; see the module docstring. ``settings`` is ``config.method``, the method's own config."""
-
-    def __init__(self, config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None):
-        self.config = config
-        self.settings = config.method
-        self.comm = comm or Comm()
-        self.progress = progress  # (done, total) while the method prepares layer by layer (sparse masks)
-
-    @abstractmethod
-    def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], resume: dict | None = None) -> nn.Module:
-        """Freeze ``model``, make the trained tensors trainable, build the optimizer (restored from ``resume``,
-        a checkpoint of :meth:`state`); returns the module the loop runs."""
-
-    @abstractmethod
-    def state(self) -> dict:
-        """Checkpoint content: tensors (safetensors) and JSON scalars, ``prepare(..., resume=state)`` restores it."""
-
-    @abstractmethod
-    def trainable_tensors(self) -> list[torch.Tensor]:
-        """The tensors that are trained, made identical on every process before the first step."""
-
-    @abstractmethod
-    def trained_entries(self) -> int:
-        """Entries trained now (masked entries, every targeted entry, or adapter parameters)."""
-
-    @abstractmethod
-    def optimizer_state_bytes(self) -> int:
-        """Bytes of optimizer state (moments, and mask indices for sparse methods)."""
-
-    @abstractmethod
-    def save_result(self, out_dir: Path, metadata: dict, patch_dtype: str) -> list[str]:
-        """Write the result into ``out_dir``; returns the names written."""
 
 
 # --- sparse methods: lift, magnitude, random ------------------------------------------------------
@@ -212,7 +176,7 @@ class SparseMethod(TuneMethod):
     def optimizer_state_bytes(self):
         return self.optimizer.state_bytes()
 
-    def save_result(self, out_dir, metadata, patch_dtype):
+    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
         from weightwise.tune.patch import WeightPatch
 
         entries, shapes = {}, {}
@@ -245,43 +209,7 @@ class RandomMethod(SparseMethod):
 # --- dense optimizers: full fine-tuning and the peft adapters ---------------------------------------
 
 
-class _AdamWMethod(TorchOptimizerHooks, TuneMethod):
-    """Shared by full and LoRA: torch AdamW over ``self.params`` (name → parameter)."""
-
-    def _build_optimizer(self, resume: dict | None) -> None:
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.config.lr,
-                                           weight_decay=self.config.weight_decay, foreach=False)
-        if resume is not None:
-            tensors = resume["tensors"]
-            for name, p in self.params.items():
-                with torch.no_grad():
-                    p.copy_(tensors[f"value.{name}"].to(device=p.device, dtype=p.dtype))
-            state = self.optimizer.state_dict()
-            state["state"] = {
-                i: {key: tensors[f"optim.{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-                for i, name in enumerate(self.params) if f"optim.{name}.step" in tensors
-            }
-            self.optimizer.load_state_dict(state)
-
-    def state(self):
-        tensors = {f"value.{name}": p.detach() for name, p in self.params.items()}
-        by_index = self.optimizer.state_dict()["state"]
-        for i, name in enumerate(self.params):
-            for key, value in by_index.get(i, {}).items():
-                tensors[f"optim.{name}.{key}"] = value
-        return {"tensors": tensors, "scalars": {}}
-
-    def trainable_tensors(self):
-        return [p.data for p in self.params.values()]
-
-    def trained_entries(self):
-        return sum(p.numel() for p in self.params.values())
-
-    def optimizer_state_bytes(self):
-        return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
-
-
-class FullMethod(_AdamWMethod):
+class FullMethod(AdamWMethod):
     """Every entry of the targeted weights (the decoder blocks' linears by default), AdamW; the result is
     a dense patch (every changed entry), kept against a copy of the base weights."""
 
@@ -291,10 +219,10 @@ class FullMethod(_AdamWMethod):
         self.base = {name: p.detach().clone() for name, p in self.params.items()}
         for p in self.params.values():
             p.requires_grad_(True)
-        self._build_optimizer(resume)
+        self.build_optimizer(resume)
         return model
 
-    def save_result(self, out_dir, metadata, patch_dtype):
+    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
         from weightwise.tune.patch import WeightPatch
 
         base = {f"{name}.weight": w for name, w in self.base.items()}
@@ -303,7 +231,7 @@ class FullMethod(_AdamWMethod):
         return [PATCH_FILE]
 
 
-class LoraMethod(_AdamWMethod):
+class LoraMethod(AdamWMethod):
     """peft LoRA on the targeted Linear layers; the config's ``use_dora`` (DoRA, weight-decomposed) or
     ``pissa_init`` (PiSSA, adapters initialised from the principal singular vectors, the base keeping the residual).
 
@@ -324,10 +252,10 @@ class LoraMethod(_AdamWMethod):
         self.model = get_peft_model(model, lora)
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.initial = {name: p.detach().clone() for name, p in self.params.items()} if adapter.pissa_init else None
-        self._build_optimizer(resume)
+        self.build_optimizer(resume)
         return self.model
 
-    def save_result(self, out_dir, metadata, patch_dtype):
+    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
         target = out_dir / ADAPTER_DIR
         if self.initial is None:
             self.model.save_pretrained(target)
@@ -358,7 +286,7 @@ class LoraMethod(_AdamWMethod):
 
 METHODS: dict[type[TuneMethodConfig], type[TuneMethod]] = {
     LiftConfig: LiftMethod, MagnitudeConfig: MagnitudeMethod, RandomMaskConfig: RandomMethod, FullConfig: FullMethod,
-    LoraConfig: LoraMethod, DoraConfig: LoraMethod, PissaConfig: LoraMethod,
+    LoraConfig: LoraMethod, DoraConfig: LoraMethod, PissaConfig: LoraMethod, QATConfig: QATMethod,
 }
 
 

@@ -55,6 +55,11 @@ class StepHooks(ABC):
         """Recompute what is trained (sparse masks); None when there is nothing to refresh."""
         return None
 
+    def step_metrics(self) -> dict:
+        """Numbers of the optimizer step just taken that its record carries (QAT: oscillating and frozen
+        fractions); none by default."""
+        return {}
+
 
 class TorchOptimizerHooks(StepHooks):
     """The step hooks of a torch optimizer (``self.optimizer``) whose parameters are the trained tensors."""
@@ -123,7 +128,8 @@ def run_steps(
 
     ``loss(item)`` is one micro-batch's loss (backpropagated at once, so one micro-batch's activations live
     at a time). ``on_step(record)`` receives each step's metrics (step, total, loss, lr, grad_norm, the
-    step's position, the refresh counts when something was refreshed, tokens, tokens_per_second,
+    step's position, the hooks' :meth:`~StepHooks.step_metrics`, the refresh counts when something was refreshed,
+    tokens, tokens_per_second,
     step_seconds, peak_rss_mb); ``after_step(done)`` follows it (checkpoints). A non-finite loss raises
     :class:`Diverged` after its step.
     """
@@ -147,7 +153,8 @@ def run_steps(
         hooks.step(lr)
         hooks.zero_grad()
         done = step.index + 1
-        record = {"step": done, "total": total, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm, **step.position}
+        record = {"step": done, "total": total, "loss": step_loss.item(), "lr": lr, "grad_norm": grad_norm, **step.position,
+                  **hooks.step_metrics()}
         if hooks.refresh_every and done % hooks.refresh_every == 0 and done < total:
             refreshed = hooks.refresh(done // hooks.refresh_every)
             if refreshed is not None:

@@ -1,0 +1,287 @@
+"""Quantization-aware training (``method: qat``): the targeted Linears become :class:`FakeQuantLinear` modules whose
+latent float weights and group scales/offsets AdamW trains through their fake-quantized weights (math in
+fakequant.py); the result is an ordinary weightwise quantized run, ``OUT/model`` (written by ``io.folders.save``).
+
+The forward weight is exactly the weight the saved run dequantizes: the nearest codes of the latent weights under
+the scales as stored (rounded to their storage dtype), so a trained model and its saved run give the same logits
+bit for bit. After every optimizer step the codes are compared with the previous ones to track oscillations
+(frozen past ``freeze_threshold``); the step's record carries the fractions of oscillating and frozen weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightwise.errors import WeightwiseError
+from weightwise.formats.base import QuantizedTensor, QuantSpec
+from weightwise.formats.packing import pack_codes
+from weightwise.formats.quantizer import encode_scale, float_scales, from_groups, group_layout, quantize_tensor, to_groups
+from weightwise.qlinear import QuantizedLinear
+from weightwise.tune.base import AdamWMethod, freeze
+from weightwise.tune.fakequant import (
+    dampening_loss,
+    fake_quantize,
+    freeze_oscillating,
+    grid_codes,
+    lsq_gradient_scale,
+    storage_rounded,
+    straight_through,
+    track_oscillations,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # the quantized run inside a qat tune run
+
+
+class FakeQuantLinear(nn.Module):
+    """A Linear in training for quantization: latent float32 ``weight``, group ``scales`` and ``offsets`` (asymmetric
+    formats) as parameters, the Linear's frozen ``bias``; forward uses the fake-quantized weight. ``frozen`` weights
+    keep their ``frozen_codes``."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bias: nn.Parameter | None,
+                 spec: QuantSpec, learn_scales: bool):
+        super().__init__()
+        self.spec, self.shape = spec, tuple(weight.shape)
+        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
+        self.scales = nn.Parameter(scales.detach().to(torch.float32).clone(), requires_grad=learn_scales)
+        self.offsets = None if offsets is None else nn.Parameter(offsets.detach().to(torch.float32).clone(),
+                                                                 requires_grad=learn_scales)
+        self.bias = bias
+        self.gradient_scale = lsq_gradient_scale(spec, self.shape)
+        layout = group_layout(self.shape, spec)
+        self.register_buffer("frozen", torch.zeros(layout, dtype=torch.bool, device=self.weight.device))
+        self.register_buffer("frozen_codes", torch.zeros(layout, dtype=torch.uint8, device=self.weight.device))
+
+    def quantizer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales and offsets forward uses: their stored values, with LSQ's scaled gradients."""
+        dtype, g = self.spec.resolved_scale_dtype, self.gradient_scale
+        scales = straight_through(self.scales, storage_rounded(self.scales.detach(), dtype), g)
+        if self.offsets is None:
+            return scales, None
+        return scales, straight_through(self.offsets, storage_rounded(self.offsets.detach(), dtype), g)
+
+    def codes(self) -> torch.Tensor:
+        """The codes (R, G, g) of the latent weights now."""
+        scales, offsets = self.quantizer()
+        return grid_codes(to_groups(self.weight, self.spec), scales, offsets, self.spec.number_format, self.frozen,
+                          self.frozen_codes)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized float32 weight (differentiable in the latent weight, scales and offsets)."""
+        scales, offsets = self.quantizer()
+        groups, fmt = to_groups(self.weight, self.spec), self.spec.number_format
+        codes = grid_codes(groups, scales, offsets, fmt, self.frozen, self.frozen_codes)
+        return from_groups(fake_quantize(groups, scales, offsets, fmt, codes, self.frozen), self.shape)
+
+    def dampening(self) -> torch.Tensor:
+        """The summed dampening loss of this layer's unfrozen weights (fakequant.dampening_loss)."""
+        scales, offsets = self.quantizer()
+        groups, fmt = to_groups(self.weight, self.spec), self.spec.number_format
+        codes = grid_codes(groups, scales, offsets, fmt, self.frozen, self.frozen_codes)
+        return dampening_loss(groups, scales, offsets, fmt, codes, self.frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def to_quantized(self) -> QuantizedLinear:
+        """The QuantizedLinear of the current codes and stored scales (its forward equals this module's)."""
+        scales, offsets = self.quantizer()
+        dtype = self.spec.resolved_scale_dtype
+        codes = from_groups(self.codes(), self.shape)
+        qt = QuantizedTensor(pack_codes(codes, self.spec.number_format.bits), encode_scale(scales, dtype),
+                             None if offsets is None else encode_scale(offsets, dtype), self.shape, self.spec)
+        return QuantizedLinear.from_quantized(qt, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.shape[1]}, out={self.shape[0]}, format={self.spec.format}, frozen={int(self.frozen.sum())}"
+
+
+class QATMethod(AdamWMethod):
+    """The loop's hooks for qat: AdamW on the latent weights (with the config's weight decay) and the scales and
+    offsets (without); oscillation tracking and freezing after each step; the dampening loss's gradient added to
+    the step's gradients."""
+
+    def prepare(self, model, targets, resume=None):
+        freeze(model)
+        spec, settings = self.settings.spec, self.settings
+        self.started = time.perf_counter()
+        for name, linear in targets.items():
+            try:
+                group_layout(tuple(linear.weight.shape), spec)
+            except WeightwiseError as err:
+                raise WeightwiseError(f"{name}: {err}") from None
+        # a resumed run's values come from its checkpoint: round-to-nearest only lays the tensors out
+        start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
+        logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
+        self.model = model
+        self.layers = {name: FakeQuantLinear(*start[name], linear.bias, spec, settings.learn_scales)
+                       for name, linear in targets.items()}
+        for name, layer in self.layers.items():
+            model.set_submodule(name, layer)
+        self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
+        if settings.learn_scales:
+            self.params.update({f"{name}.{key}": p for name, layer in self.layers.items()
+                                for key, p in (("scales", layer.scales), ("offsets", layer.offsets)) if p is not None})
+        self.build_optimizer(resume)
+        self.tracking = {name: self._start_tracking(layer) for name, layer in self.layers.items()}
+        if resume is not None:
+            self._restore(resume["tensors"])
+        self.entries = sum(layer.weight.numel() for layer in self.layers.values())
+        self.metrics: dict = {}
+        return model
+
+    def param_groups(self):
+        latents = [layer.weight for layer in self.layers.values()]
+        quantizers = [p for name, p in self.params.items() if not name.endswith(".weight")]
+        return [{"params": latents}] + ([{"params": quantizers, "weight_decay": 0.0}] if quantizers else [])
+
+    def _start_tracking(self, layer: FakeQuantLinear) -> dict[str, torch.Tensor]:
+        """Per weight: its codes, last direction of change, oscillation frequency and (freezing) moving-average code."""
+        with torch.no_grad():
+            codes = layer.codes()
+        state = {"codes": codes, "direction": torch.zeros_like(codes, dtype=torch.int8),
+                 "frequency": torch.zeros_like(codes, dtype=torch.float32)}
+        if self.settings.freeze_threshold is not None:
+            state["average"] = codes.to(torch.float32)
+        return state
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                for key in ("scales", "offsets", "frozen", "frozen_codes"):
+                    if getattr(layer, key) is not None:
+                        getattr(layer, key).copy_(tensors[f"qat.{name}.{key}"])
+                device = layer.weight.device
+                self.tracking[name] = {key: tensors[f"track.{name}.{key}"].to(device) for key in self.tracking[name]}
+
+    def gradients(self):
+        """The step's gradients, with the dampening loss's (divided over the processes, which sum them) added."""
+        if self.settings.dampening:
+            loss = self.settings.dampening * sum(layer.dampening() for layer in self.layers.values()) / self.entries
+            (loss / self.comm.world).backward()
+            self.metrics["qat_dampening"] = loss.item()
+        return super().gradients()
+
+    def step(self, lr):
+        super().step(lr)
+        settings = self.settings
+        oscillated = frozen = 0
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                track, codes = self.tracking[name], layer.codes()
+                track["direction"], track["frequency"], now = track_oscillations(
+                    track["codes"], track["direction"], track["frequency"], codes, settings.oscillation_momentum)
+                track["codes"] = codes
+                if settings.freeze_threshold is not None:
+                    track["average"] = torch.lerp(track["average"], codes.to(torch.float32), settings.oscillation_momentum)
+                    layer.frozen, layer.frozen_codes = freeze_oscillating(
+                        track["frequency"], settings.freeze_threshold, layer.frozen, layer.frozen_codes, track["average"])
+                oscillated += int(now.sum())
+                frozen += int(layer.frozen.sum())
+        self.metrics.update(qat_oscillating=oscillated / self.entries, qat_frozen=frozen / self.entries)
+
+    def step_metrics(self):
+        return dict(self.metrics)
+
+    def state(self):
+        state = super().state()
+        for name, layer in self.layers.items():
+            for key in ("scales", "offsets", "frozen", "frozen_codes"):
+                if getattr(layer, key) is not None:
+                    state["tensors"][f"qat.{name}.{key}"] = getattr(layer, key).detach()
+            for key, value in self.tracking[name].items():
+                state["tensors"][f"track.{name}.{key}"] = value
+        return state
+
+    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
+        """The quantized run ``out_dir/model``: every target's QuantizedLinear of its final codes and stored scales
+        (SQNR against the final latent weights), saved as `weightwise quantize` saves its runs."""
+        from weightwise.io.folders import save
+        from weightwise.quantize.api import weight_sqnr_db
+        from weightwise.quantize.recipe import QuantRecipe
+        from weightwise.records import LayerRecord, QuantizationRecord, attach_record, drop_record
+
+        settings = self.settings
+        quantized, layers = {}, {}
+        for name, layer in self.layers.items():
+            quantized[name] = layer.to_quantized()
+            layers[name] = LayerRecord(
+                spec=settings.spec, stored_bits=quantized[name].stored_bits(),
+                sqnr_db=weight_sqnr_db(layer.weight.detach(), quantized[name].dequantized_weight()),
+                diagnostics={"qat": {"frozen": int(layer.frozen.sum())}})
+        recipe = QuantRecipe(format=settings.format, granularity=settings.granularity, group_size=settings.group_size,
+                             targets=self.config.targets).model_dump(mode="json")
+        record = QuantizationRecord(
+            recipe={**recipe, "method": settings.model_dump(mode="json")}, layers=layers,
+            source_fingerprint=metadata["base_model_hash"], quantize_seconds=time.perf_counter() - self.started,
+            device=str(next(iter(self.layers.values())).weight.device))
+        with installed(self.model, quantized):
+            attach_record(self.model, record)
+            try:
+                save(self.model, Path(out_dir) / MODEL_DIR, tokenizer=tokenizer, tune=metadata)
+            finally:
+                drop_record(self.model)
+        return [MODEL_DIR]
+
+
+@contextmanager
+def installed(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """``modules`` (by name) in place of ``model``'s own while the block runs."""
+    previous = {name: model.get_submodule(name) for name in modules}
+    try:
+        for name, module in modules.items():
+            model.set_submodule(name, module)
+        yield
+    finally:
+        for name, module in previous.items():
+            model.set_submodule(name, module)
+
+
+def initial_quantizers(model: nn.Module, targets: dict[str, nn.Linear], spec: QuantSpec,
+                       init: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(latent weight, scales, offsets) per target: its weight and round-to-nearest scales ('rtn'), or the
+    dequantized weight and stored scales of the same layer in the quantized run at ``init``."""
+    if init == "rtn":
+        return {name: (linear.weight, *float_scales(quantize_tensor(linear.weight, spec, name)))
+                for name, linear in targets.items()}
+    from weightwise.io.artifacts import state_dict_fingerprint
+    from weightwise.io.models import load_model
+    from weightwise.records import quantization_record
+
+    run, _ = load_model(init)
+    record = quantization_record(run)
+    if record is None:
+        raise WeightwiseError(f"qat init '{init}' is not a quantized run: give a folder written by `weightwise quantize` "
+                              "(or a qat tune run), or init 'rtn'")
+    if record.source_fingerprint != state_dict_fingerprint(model):
+        raise WeightwiseError(f"qat init '{init}' was quantized from another model than the one tuned: tune its "
+                              "source model, or quantize this one")
+    modules, wanted = dict(run.named_modules()), _storage(spec)
+    start = {}
+    for name in targets:
+        layer = modules.get(name)
+        if not isinstance(layer, QuantizedLinear) or layer.lowrank is not None or _storage(layer.spec) != wanted:
+            found = "not quantized" if not isinstance(layer, QuantizedLinear) else repr(layer)
+            raise WeightwiseError(f"qat init '{init}': layer {name} is {found}, not {spec.format} "
+                                  f"{spec.granularity} {spec.resolved_group_size or ''} without LoRC: give qat the "
+                                  "run's format, granularity and group size")
+        with torch.no_grad():
+            start[name] = (layer.dequantized_weight(), *layer.stored_scales())
+    return start
+
+
+def _storage(spec: QuantSpec) -> tuple:
+    """What decides how a layer is stored: format, grouping, scale dtype and constraints."""
+    return (spec.number_format.name, spec.granularity, spec.resolved_group_size, spec.resolved_scale_dtype, spec.pad,
+            spec.pow2_scales)
