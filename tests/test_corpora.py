@@ -52,14 +52,16 @@ def test_jsonl_errors_name_the_line(tmp_path, second_line, problem):
     assert problem in str(err.value)
 
 
-def test_missing_file_and_unknown_split_and_type(tmp_path):
+def test_missing_file_unknown_split_and_binary_file(tmp_path):
     with pytest.raises(WeightwiseError, match="text file .*nope.txt not found"):
         corpus(str(tmp_path / "nope.txt"))
     with pytest.raises(WeightwiseError, match="unknown split 'test'"):
         corpus("pydoc", "test")
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(WeightwiseError, match="unsupported"):
-        corpus(str(tmp_path / "data.csv"))
+    (tmp_path / "data.csv").write_text("a,b\n")  # text by content, whatever the extension
+    assert corpus(str(tmp_path / "data.csv")) == ["a,b\n"]
+    (tmp_path / "data.txt").write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(WeightwiseError, match="data.txt is a binary file"):
+        corpus(str(tmp_path / "data.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(WeightwiseError, match="no text"):
         corpus(str(tmp_path / "empty.txt"))

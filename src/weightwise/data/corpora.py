@@ -1,5 +1,5 @@
 """Text sources as lists of documents: CPython's own pydoc topics (the embedded corpus, split
-deterministically into eval and calibration parts) or a user's .txt/.md/.jsonl file."""
+deterministically into eval and calibration parts) or a user's text file (recognised by content, any name) or .jsonl file."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 from weightwise.errors import WeightwiseError
 
 SPLITS = ("eval", "calib", "all")
-_TEXT_SUFFIXES = (".txt", ".md")
+_SNIFF_BYTES = 1024  # how much of a file decides whether it is text
 
 
 def corpus(source: str = "pydoc", split: str = "eval") -> list[str]:
-    """Documents of ``source``: ``"pydoc"`` or a path to a .txt/.md (one document) or .jsonl file.
+    """Documents of ``source``: ``"pydoc"`` or a path to a text file (one document) or .jsonl file.
 
     For ``"pydoc"`` the topics are sorted by key; ``"eval"`` keeps sorted index ``i % 4 == 0``,
     ``"calib"`` the rest, ``"all"`` everything. A file is used whole whatever the split: keep
@@ -43,17 +43,31 @@ def _pydoc_topics(split: str) -> list[str]:
 
 
 def _read_file(path: Path) -> list[str]:
+    """The documents of a .jsonl file, or of any other text file (by content: README, LICENSE, .rst, ...) as one."""
     if not path.is_file():
-        raise WeightwiseError(f"text file {path} not found: pass an existing .txt, .md or .jsonl file, or 'pydoc'")
-    if path.suffix in _TEXT_SUFFIXES:
-        docs = [path.read_text(encoding="utf-8")]
-    elif path.suffix == ".jsonl":
-        docs = _read_jsonl(path)
-    else:
-        raise WeightwiseError(f"text file {path} has an unsupported type: use .txt, .md or .jsonl")
+        raise WeightwiseError(f"text file {path} not found: pass an existing text (.txt, .md, ...) or .jsonl file, or 'pydoc'")
+    check_text_file(path)
+    try:
+        docs = _read_jsonl(path) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as err:
+        raise WeightwiseError(f"text file {path} is not valid UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     if not any(doc.strip() for doc in docs):
         raise WeightwiseError(f"text file {path} holds no text: pass a file with at least one non-empty document")
     return docs
+
+
+def check_text_file(path: str | Path, sniff: int = _SNIFF_BYTES) -> None:
+    """Refuse a file whose first ``sniff`` bytes are not UTF-8 text (a NUL byte or an invalid sequence): text
+    inputs are recognised by their content, so a binary file given as text fails here and not as gibberish later."""
+    with open(path, "rb") as f:
+        head = f.read(sniff)
+    try:
+        head.decode("utf-8")
+        text = True
+    except UnicodeDecodeError as err:
+        text = err.start >= len(head) - 3 and err.reason == "unexpected end of data"  # a character cut by the limit
+    if b"\0" in head or not text:
+        raise WeightwiseError(f"{path} is a binary file, not UTF-8 text; pass a text or .jsonl file")
 
 
 def _read_jsonl(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: int = Field(1, description="Config schema version.")
-    text: str = Field("pydoc", description="Text source: 'pydoc' (CPython's topics) or a .txt/.md/.jsonl file (JSONL: 'text' field).")
+    text: str = Field("pydoc", description="Text source: 'pydoc' (CPython's topics) or a text file (any name: recognised by content) or .jsonl file (JSONL: 'text' field).")
     split: str = Field("eval", description="Split of 'pydoc': eval (topics i % 4 == 0), calib or all.")
     max_tokens: int | None = Field(None, ge=1, description="Score at most this many tokens (whole windows; quick runs). Default: all.")
     window: int = Field(512, ge=2, description="Tokens per non-overlapping window.")

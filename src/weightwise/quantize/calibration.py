@@ -43,7 +43,7 @@ class CalibrationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field("pydoc", description="'pydoc' (its calib split), a .txt/.md/.jsonl file, or 'self' (text sampled from the model: data-free).")
+    source: str = Field("pydoc", description="'pydoc' (its calib split), a text file (any name: recognised by content) or .jsonl file, or 'self' (text sampled from the model: data-free).")
     samples: int = Field(128, ge=1, description="Number of calibration sequences.")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
     seed: int = Field(0, description="Seed for choosing (or sampling) the sequences.")
