@@ -131,6 +131,7 @@ def quantize_cmd(
     Calibrated methods (gptq, awq, fpsearch) checkpoint every finished decoder block next to the output folder:
     rerunning the same command after a kill resumes at the next unfinished block.
     """
+    from weightwise.io.artifacts import output_lock
     from weightwise.io.folders import save
     from weightwise.io.models import model_source_info
     from weightwise.quantize.api import quantize
@@ -151,14 +152,15 @@ def quantize_cmd(
     if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     work_device = _work_device(device)
-    model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
-    checkpoint = output.parent / f".{output.name}.partial"
-    with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
-        qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update, device=work_device)
-    from weightwise.evaluate.size import model_size
+    with output_lock(output):  # from the first block checkpoint to the saved folder: a second run into it is refused
+        model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
+        checkpoint = output.parent / f".{output.name}.partial"
+        with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+            qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update, device=work_device)
+        from weightwise.evaluate.size import model_size
 
-    size = model_size(qmodel)
-    save(qmodel, output, tokenizer=tokenizer, source=model_source_info(model), metrics={"size": size})
+        size = model_size(qmodel)
+        save(qmodel, output, tokenizer=tokenizer, source=model_source_info(model), metrics={"size": size})
     info = quantization_record(qmodel).summary()
     summary = Table(show_header=False, title=f"{output}")
     summary.add_row("layers quantized", str(info["layers"]))

@@ -15,7 +15,14 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.export.gguf import GGUFExportConfig, GGUFExportReport, export_gguf
 from weightwise.export.hf import TORCH_DTYPES, DenseDtype, export_hf
-from weightwise.io.artifacts import MANIFEST_NAME, QUANTIZED_MODEL_KIND, TUNE_RUN_KIND, atomic_output_dir, read_manifest
+from weightwise.io.artifacts import (
+    MANIFEST_NAME,
+    QUANTIZED_MODEL_KIND,
+    TUNE_RUN_KIND,
+    atomic_output_dir,
+    output_lock,
+    read_manifest,
+)
 
 ExportTarget = Literal["gguf", "compressed-tensors", "hf"]
 TARGETS: tuple[str, ...] = ("gguf", "compressed-tensors", "hf")
@@ -30,20 +37,21 @@ def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLik
     of a compressed-tensors export's unquantized tensors; ``tokenizer_gguf``: a GGUF file whose tokenizer is copied.
     """
     path = Path(path)
-    if to == "gguf":
-        report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
-        return report.model_dump()
-    if to == "hf":
-        export_hf(model, tokenizer, path, dtype, overwrite=overwrite)
-        return {"path": str(path), "dtype": dtype}
-    if to == "compressed-tensors":
+    if to not in TARGETS:
+        raise WeightwiseError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
+    with output_lock(path):  # from the existence check to the last file: another export of ``path`` is refused
+        if to == "gguf":
+            report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
+            return report.model_dump()
+        if to == "hf":
+            export_hf(model, tokenizer, path, dtype, overwrite=overwrite)
+            return {"path": str(path), "dtype": dtype}
         from weightwise.export.compressed_tensors import write_compressed_tensors
 
         if path.exists() and not overwrite:
             raise WeightwiseError(f"'{path}' exists; allow overwriting it or choose another output path")
         with atomic_output_dir(path) as tmp:
             return {"path": str(path), **write_compressed_tensors(model, tokenizer, tmp, TORCH_DTYPES[dtype])}
-    raise WeightwiseError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
 
 
 def export_source(source: str | os.PathLike, to: ExportTarget, path: str | os.PathLike, *, allow_pickle: bool = False,

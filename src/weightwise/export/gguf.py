@@ -35,7 +35,14 @@ from weightwise.export.gguf_types import (
 from weightwise.export.gguf_families import GGUF_FAMILIES, GGUFFamily, rope_settings, write_family_metadata
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
-from weightwise.io.artifacts import environment_versions, state_dict_fingerprint, write_json_atomic
+from weightwise.io.artifacts import (
+    environment_versions,
+    is_write_error,
+    output_error,
+    output_lock,
+    state_dict_fingerprint,
+    write_json_atomic,
+)
 from weightwise.qlinear import QuantizedLinear
 from weightwise.records import quantization_record
 
@@ -130,18 +137,20 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
         raise WeightwiseError(f"architecture '{model_type}' has no GGUF exporter (supported: {', '.join(sorted(GGUF_FAMILIES))}); "
                               "export it with --to hf or --to compressed-tensors instead")
     tensors, fallback_layers = _plan_tensors(model, family, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # created by the writer with the usual permissions
-    try:
-        _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
-        report_tensors = _verify(tmp, tensors)
-        fingerprint = (quantization_record(model).source_fingerprint if quantization_record(model) else state_dict_fingerprint(model))
-        report = GGUFExportReport(path=str(path), file_bytes=tmp.stat().st_size, arch=family.arch.name.lower(),
-                                  tensors=report_tensors, fallback_layers=fallback_layers, source_fingerprint=fingerprint)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with output_lock(path):  # makes the parent folder; another process writing ``path`` is refused
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # created by the writer with the usual permissions
+        try:
+            _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
+            report_tensors = _verify(tmp, tensors)
+            fingerprint = (quantization_record(model).source_fingerprint if quantization_record(model) else state_dict_fingerprint(model))
+            report = GGUFExportReport(path=str(path), file_bytes=tmp.stat().st_size, arch=family.arch.name.lower(),
+                                      tensors=report_tensors, fallback_layers=fallback_layers, source_fingerprint=fingerprint)
+            os.replace(tmp, path)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)
+            if is_write_error(err, path.parent):
+                raise output_error(path, err) from err
+            raise
     write_json_atomic(path.with_name(path.name + ".json"), {
         "kind": "gguf-export", "config": config.model_dump(), "versions": environment_versions(),
         "recipe": quantization_record(model).recipe if quantization_record(model) else None,

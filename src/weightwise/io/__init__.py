@@ -1,10 +1,11 @@
-"""Loading models, writing artifacts atomically, manifests and hashes."""
+"""Loading models, writing artifacts atomically under output locks, manifests and hashes."""
 
 from weightwise.io.artifacts import (
     atomic_output_dir,
     cache_dir,
     environment_versions,
     file_sha256,
+    output_lock,
     read_manifest,
     state_dict_fingerprint,
     write_bytes_atomic,
@@ -25,6 +26,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "model_source_info",
+    "output_lock",
     "read_manifest",
     "state_dict_fingerprint",
     "write_bytes_atomic",

@@ -20,7 +20,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from weightwise.errors import WeightwiseError
-from weightwise.io.artifacts import QUANTIZED_MODEL_KIND, atomic_output_dir, read_manifest, write_bytes_atomic, write_manifest
+from weightwise.io.artifacts import (
+    QUANTIZED_MODEL_KIND,
+    atomic_output_dir,
+    check_run_folder,
+    read_manifest,
+    write_bytes_atomic,
+    write_manifest,
+)
 from weightwise.qlinear import QuantizedLinear
 from weightwise.records import QuantizationRecord, attach_record, quantization_record
 
@@ -62,14 +69,14 @@ def load_quantized(path: str | os.PathLike):
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(check_run_folder(path))
     if manifest.get("kind") != QUANTIZED_MODEL_KIND:
         raise WeightwiseError(f"{path} is not a weightwise quantized model (manifest kind {manifest.get('kind')!r})")
     record = _record_of(path, manifest)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise WeightwiseError(f"{weights} is missing; the run folder is incomplete: re-run the quantization")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     model = _auto_class(config).from_config(config, dtype=torch.float32)
     modules = dict(model.named_modules())
     for name, layer in record.layers.items():
@@ -90,7 +97,7 @@ def load_quantized(path: str | os.PathLike):
     attach_record(model, record)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return model, tokenizer
 
 

@@ -38,14 +38,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from weightwise.errors import WeightwiseError
+from weightwise.errors import OutputError, WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
     QUANTIZED_MODEL_KIND,
     TUNE_RUN_KIND,
     atomic_output_dir,
     cache_dir,
+    check_run_folder,
     file_sha256,
+    folder_file,
+    output_lock,
     read_manifest,
     write_json_atomic,
 )
@@ -58,6 +61,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # what transformers loads
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # What gguf's reader raises on a cut-short or garbled file (numpy memmap/reshape, struct, sizes, indexing).
 _GGUF_PARSE_ERRORS = (ValueError, IndexError, OverflowError, struct.error, EOFError)
@@ -66,6 +70,7 @@ _GGUF_PARSE_ERRORS = (ValueError, IndexError, OverflowError, struct.error, EOFEr
 _GGUF_LOAD_ERRORS = (*_GGUF_PARSE_ERRORS, OSError, RuntimeError, StrictDataclassError)
 # What torch.load(weights_only=True) raises on a cut-short, garbled or object-holding pickle.
 _PICKLE_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+_CACHE_LOCK_WAIT_S = 600.0  # how long a process waits for another one converting the same GGUF file
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,10 @@ def _resolve(source: str | os.PathLike) -> _Source:
         return _Source("encoder", minilm_path())
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / MANIFEST_NAME).is_file() and read_manifest(path)["kind"] in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND):
-            return _Source(read_manifest(path)["kind"], path)
+        if (path / MANIFEST_NAME).is_file():  # a weightwise output folder: its files are read only inside it
+            kind = read_manifest(check_run_folder(path))["kind"]
+            if kind in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND):
+                return _Source(kind, path)
         return _Source("folder", path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -197,7 +204,7 @@ def _gguf_sha256(path: Path) -> str:
     index[key] = {**stamp, "sha256": sha}
     try:
         write_json_atomic(index_path, index)
-    except OSError as e:
+    except (OSError, OutputError) as e:
         logger.warning("could not update the hash index %s: %s", index_path, e)
     return sha
 
@@ -241,7 +248,24 @@ def _gguf_error(path: Path, error: Exception) -> WeightwiseError:
 
 
 def _build_gguf_cache(path: Path, folder: Path) -> None:
-    """Dequantize ``path`` to fp32 and write it as a Hugging Face folder at ``folder``."""
+    """Dequantize ``path`` to fp32 and write it as a Hugging Face folder at ``folder``.
+
+    Several processes loading one file at once (a distributed run) build it once: the others wait for the lock.
+    """
+    try:
+        with output_lock(folder, wait=_CACHE_LOCK_WAIT_S):
+            if folder.is_dir():  # built by another process while this one waited
+                return
+            _write_gguf_cache(path, folder)
+    except (OSError, OutputError) as e:
+        if isinstance(e, OutputError) and not isinstance(e.__cause__, OSError):
+            raise
+        raise WeightwiseError(
+            f"cannot write the model cache '{folder}' ({e}); set WEIGHTWISE_CACHE to a writable folder"
+        ) from e
+
+
+def _write_gguf_cache(path: Path, folder: Path) -> None:
     logger.info("converting %s to fp32 safetensors in %s (once per file)", path, folder)
     start = time.perf_counter()
     dense = GgufConfig(dequantize=True)  # plain nn.Linear weights even where GGUF kernels are installed
@@ -251,18 +275,13 @@ def _build_gguf_cache(path: Path, folder: Path) -> None:
     _check_finite(model, path)
     converted = time.perf_counter()
     stat = path.stat()
-    try:
-        with atomic_output_dir(folder) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json_atomic(
-                tmp / "source.json",
-                {"path": str(path.resolve()), "size": stat.st_size, "sha256": folder.name},
-            )
-    except OSError as e:
-        raise WeightwiseError(
-            f"cannot write the model cache '{folder}' ({e}); set WEIGHTWISE_CACHE to a writable folder"
-        ) from e
+    with atomic_output_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / "source.json",
+            {"path": str(path.resolve()), "size": stat.st_size, "sha256": folder.name},
+        )
     logger.info(
         "GGUF read in %.1f s, cache written in %.1f s", converted - start, time.perf_counter() - converted
     )
@@ -276,8 +295,7 @@ def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: b
     """A causal LM from ``folder``, or with ``encoder`` its base model (AutoModel, e.g. BertModel)."""
     config = _read_json(folder / "config.json")
     _check_architecture(config, folder / "config.json", trust_remote_code, causal=not encoder)
-    if (folder / "model.safetensors.index.json").is_file():
-        _read_json(folder / "model.safetensors.index.json")
+    _check_shard_index(folder)
     safetensors_files = sorted(folder.glob("*.safetensors"))
     use_pickle = not safetensors_files
     if use_pickle:
@@ -286,7 +304,7 @@ def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: b
         _check_safetensors(file)
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if use_pickle:
-        kwargs["use_safetensors"] = False  # transformers then uses torch.load(weights_only=True)
+        kwargs.update(use_safetensors=False, weights_only=True)  # torch.load(weights_only=True): tensors only, no code
     try:
         auto_class = AutoModel if encoder else AutoModelForCausalLM
         model, info = auto_class.from_pretrained(folder, output_loading_info=True, **kwargs)
@@ -310,6 +328,18 @@ def _check_mostly_loaded(model: torch.nn.Module, missing_keys, folder: Path) -> 
             f"'{folder}' lacks most weights of {type(model).__name__} ({len(missing)} of {len(params)} tensors); "
             "its config.json does not match the weights: re-create the folder"
         )
+
+
+def _check_shard_index(folder: Path) -> None:
+    """Refuse a shard index whose weight map names files outside ``folder`` (transformers would read them)."""
+    for index_name in _SHARD_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise WeightwiseError(f"'{index}' is corrupt (no 'weight_map' object); re-create or re-download it")
+            for shard in set(weight_map.values()):
+                folder_file(folder, shard, index)
 
 
 def _check_pickle_allowed(folder: Path, allow_pickle: bool) -> None:
@@ -357,7 +387,16 @@ def _check_architecture(config: dict, config_path: Path, trust_remote_code: bool
     if trust_remote_code and "auto_map" in config:
         return
     model_type = config.get("model_type", "(none)")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+    known = isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    if "auto_map" in config and not known:
+        raise WeightwiseError(
+            f"'{config_path}' names model code shipped in the folder (auto_map) for architecture '{model_type}', which "
+            "transformers does not know; that code runs only with trust_remote_code=True: pass it if you trust its source"
+        )
+    if "auto_map" in config:
+        logger.warning("%s ships its own model code (auto_map); not running it (trust_remote_code is off): "
+                       "transformers' built-in %s class is used", config_path, model_type)
+    if not known:
         raise WeightwiseError(
             f"architecture '{model_type}' in '{config_path}' is not known to transformers {transformers.__version__}; "
             "upgrade transformers, or pass trust_remote_code=True if the folder ships its own model code"
@@ -377,7 +416,39 @@ def _load_folder_tokenizer(folder: Path, *, trust_remote_code: bool):
     for name in present:
         if name.endswith(".json"):
             _read_json(folder / name)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    if not trust_remote_code:
+        _check_tokenizer_code(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise WeightwiseError(f"the tokenizer in '{folder}' needs its own code from the folder, which runs only with "
+                              "trust_remote_code=True: pass it if you trust its source") from None
+
+
+def _check_tokenizer_code(folder: Path) -> None:
+    """Refuse a tokenizer that only the folder's own code (``auto_map``) can build; with a built-in class for it,
+    that code is ignored (never run) and logged."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+
+    settings = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    auto_map = settings.get("auto_map") or {}
+    model_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    if not (auto_map if isinstance(auto_map, list) else auto_map.get("AutoTokenizer") or model_map.get("AutoTokenizer")):
+        return
+    name = settings.get("tokenizer_class")
+    builtin = (isinstance(name, str) and any(tokenizer_class_from_name(n) is not None
+                                             for n in (name, name.removesuffix("Fast"), name + "Fast"))
+               or (not name and config.get("model_type") in TOKENIZER_MAPPING_NAMES))
+    if not builtin:
+        raise WeightwiseError(
+            f"the tokenizer in '{folder}' is built by code shipped in the folder (auto_map, class {name!r}); that code "
+            "runs only with trust_remote_code=True: pass it if you trust its source"
+        )
+    logger.warning("%s ships its own tokenizer code (auto_map); not running it (trust_remote_code is off): "
+                   "the built-in %s class is used", folder, name or config.get("model_type"))
 
 
 # --- checks and hashes --------------------------------------------------------------------------

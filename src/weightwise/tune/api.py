@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +29,14 @@ from torch import nn
 from weightwise.architectures import family_of, matches
 from weightwise.data.tasks import encode_examples, pad_id, task_examples
 from weightwise.errors import WeightwiseError
-from weightwise.io.artifacts import MANIFEST_NAME, TUNE_RUN_KIND, state_dict_fingerprint, write_json_atomic, write_manifest
+from weightwise.io.artifacts import (
+    MANIFEST_NAME,
+    TUNE_RUN_KIND,
+    output_lock,
+    state_dict_fingerprint,
+    write_json_atomic,
+    write_manifest,
+)
 from weightwise.tune.checkpoint import TuneCheckpoints, set_rng_state
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import TuneConfig
@@ -85,6 +93,13 @@ def tune(
     config = _as_config(config)
     comm = comm or Comm.from_environment(next(model.parameters()).device)
     out = Path(output_dir)
+    with output_lock(out) if comm.is_main else nullcontext():  # process 0 writes, so it alone holds the lock
+        return _tune(model, tokenizer, config, out, progress, overwrite, source, comm, started)
+
+
+def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: Progress | None, overwrite: bool,
+          source: dict | None, comm: Comm, started: float) -> dict:
+    """The body of :func:`tune`, run under the output's lock."""
     report = progress if (progress is not None and comm.is_main) else (lambda *args: None)
     targets = target_modules(model, config)
     train_examples, test_examples = _examples(config)

@@ -39,7 +39,9 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
+    check_run_folder,
     file_sha256,
+    output_lock,
     read_manifest,
     state_dict_fingerprint,
     write_bytes_atomic,
@@ -350,15 +352,16 @@ class WeightPatch:
         from weightwise.io.folders import save
         from weightwise.io.models import load_model, model_source_info
 
-        base, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        undo = self.apply(base, scale=scale, force=force)
         out_dir = Path(out_dir)
-        source = self.source or {}
-        patch_record = {"fingerprint": self.fingerprint(), "path": source.get("path"), "sha256": source.get("sha256"),
-                        "value_dtype": source.get("value_dtype"), "metadata": self.metadata}
-        save(base, out_dir, tokenizer=tokenizer, kind=PATCHED_MODEL_KIND, files={UNDO_FILE: undo.to_bytes()},
-             source=model_source_info(model), source_fingerprint=undo.model_fingerprint, patch=patch_record, scale=scale,
-             forced=undo.model_fingerprint != self.base_model_hash, fingerprint=state_dict_fingerprint(base))
+        with output_lock(out_dir):  # held from the start: a second merge into ``out_dir`` is refused at once
+            base, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            undo = self.apply(base, scale=scale, force=force)
+            source = self.source or {}
+            patch_record = {"fingerprint": self.fingerprint(), "path": source.get("path"), "sha256": source.get("sha256"),
+                            "value_dtype": source.get("value_dtype"), "metadata": self.metadata}
+            save(base, out_dir, tokenizer=tokenizer, kind=PATCHED_MODEL_KIND, files={UNDO_FILE: undo.to_bytes()},
+                 source=model_source_info(model), source_fingerprint=undo.model_fingerprint, patch=patch_record, scale=scale,
+                 forced=undo.model_fingerprint != self.base_model_hash, fingerprint=state_dict_fingerprint(base))
         logger.info("wrote %s (patch %s × %g)", out_dir, patch_record["fingerprint"][:12], scale)
         return out_dir
 
@@ -371,7 +374,7 @@ class WeightPatch:
         from weightwise.io.models import load_model, model_source_info
 
         folder, out_dir = Path(folder), Path(out_dir)
-        manifest = read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else {"kind": "plain model"}
+        manifest = read_manifest(check_run_folder(folder)) if (folder / MANIFEST_NAME).is_file() else {"kind": "plain model"}
         if manifest["kind"] != PATCHED_MODEL_KIND:
             raise WeightwiseError(f"'{folder}' is a '{manifest['kind']}' folder, not one written by `weightwise patch apply`; "
                                   "remove needs the folder that apply wrote")
