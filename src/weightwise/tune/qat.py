@@ -69,25 +69,26 @@ class FakeQuantLinear(nn.Module):
             return scales, None
         return scales, straight_through(self.offsets, storage_rounded(self.offsets.detach(), dtype), g)
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(latent weight groups (R, G, g), scales, offsets as :meth:`quantizer` gives them, the codes now)."""
+        scales, offsets = self.quantizer()
+        groups = to_groups(self.weight, self.spec)
+        codes = grid_codes(groups, scales, offsets, self.spec.number_format, self.frozen, self.frozen_codes)
+        return groups, scales, offsets, codes
+
     def codes(self) -> torch.Tensor:
         """The codes (R, G, g) of the latent weights now."""
-        scales, offsets = self.quantizer()
-        return grid_codes(to_groups(self.weight, self.spec), scales, offsets, self.spec.number_format, self.frozen,
-                          self.frozen_codes)
+        return self.grid()[3]
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized float32 weight (differentiable in the latent weight, scales and offsets)."""
-        scales, offsets = self.quantizer()
-        groups, fmt = to_groups(self.weight, self.spec), self.spec.number_format
-        codes = grid_codes(groups, scales, offsets, fmt, self.frozen, self.frozen_codes)
-        return from_groups(fake_quantize(groups, scales, offsets, fmt, codes, self.frozen), self.shape)
+        groups, scales, offsets, codes = self.grid()
+        return from_groups(fake_quantize(groups, scales, offsets, self.spec.number_format, codes, self.frozen), self.shape)
 
     def dampening(self) -> torch.Tensor:
         """The summed dampening loss of this layer's unfrozen weights (fakequant.dampening_loss)."""
-        scales, offsets = self.quantizer()
-        groups, fmt = to_groups(self.weight, self.spec), self.spec.number_format
-        codes = grid_codes(groups, scales, offsets, fmt, self.frozen, self.frozen_codes)
-        return dampening_loss(groups, scales, offsets, fmt, codes, self.frozen)
+        groups, scales, offsets, codes = self.grid()
+        return dampening_loss(groups, scales, offsets, self.spec.number_format, codes, self.frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -96,9 +97,9 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def to_quantized(self) -> QuantizedLinear:
         """The QuantizedLinear of the current codes and stored scales (its forward equals this module's)."""
-        scales, offsets = self.quantizer()
+        _, scales, offsets, codes = self.grid()
         dtype = self.spec.resolved_scale_dtype
-        codes = from_groups(self.codes(), self.shape)
+        codes = from_groups(codes, self.shape)
         qt = QuantizedTensor(pack_codes(codes, self.spec.number_format.bits), encode_scale(scales, dtype),
                              None if offsets is None else encode_scale(offsets, dtype), self.shape, self.spec)
         return QuantizedLinear.from_quantized(qt, self.bias)
