@@ -163,8 +163,7 @@ class QATConfig(TuneMethodConfig):
 
 METHOD_CONFIGS: tuple[type[TuneMethodConfig], ...] = (
     LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig, QATConfig)
-MethodConfig = Annotated[Union[LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig,
-                               PissaConfig, QATConfig], Field(discriminator="name")]
+MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007 (a Union of the tuple)
 METHOD_NAMES: tuple[str, ...] = tuple(cls.model_fields["name"].default for cls in METHOD_CONFIGS)
 _BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
 
