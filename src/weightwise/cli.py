@@ -282,6 +282,7 @@ def tune_cmd(
     randomized_svd: Annotated[Optional[bool], typer.Option("--randomized-svd/--exact-svd", help=_S("randomized_svd"))] = None,
     refresh_every: Annotated[Optional[int], typer.Option("--refresh-every", help=_S("refresh_every"))] = None,
     targets: Annotated[Optional[list[str]], typer.Option("--targets", help=_T["targets"].description)] = None,
+    reparam: Annotated[Optional[str], typer.Option("--reparam", help=_T["reparam"].description + " Its settings in a YAML config (reparam: {name: compander, expansion, margin, learn}).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help=_T["lr"].description)] = None,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", help=_T["warmup_steps"].description)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help=_T["max_steps"].description)] = None,
@@ -325,8 +326,9 @@ def tune_cmd(
 
     cfg = _build(TuneConfig, config, _given(
         task=task, method=method, density=density, rank_budget=rank_budget, filter_rank=filter_rank,
-        randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, lr=lr, warmup_steps=warmup_steps,
-        max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, seed=seed,
+        randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, reparam=reparam, lr=lr,
+        warmup_steps=warmup_steps, max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+        max_length=max_length, seed=seed,
         train_examples=train_examples, test_examples=test_examples, test_task=test_task, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, format=format, group_size=group_size, init=init,
         checkpoint_every=checkpoint_every, patch_dtype=patch_dtype,

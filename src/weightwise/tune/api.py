@@ -140,6 +140,7 @@ def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: 
                             checkpoint_info={"config": config.model_dump(), "before": before}, on_step=on_step,
                             on_checkpoint=lambda step, path: report("train", step, schedule.total_steps,
                                                                     {"event": "checkpoint", "step": step, "path": path}))
+        method.finish()
         report("eval after", 0, 1, {})
         after = _evaluate(trained_model, tokenizer, test_examples, config, comm)
     metrics = {

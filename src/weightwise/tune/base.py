@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from weightwise.tune.comm import Comm
+from weightwise.tune.compander import CompandedWeights
 from weightwise.tune.config import TuneConfig
 from weightwise.tune.steps import StepHooks, TorchOptimizerHooks
 
@@ -24,7 +25,10 @@ def freeze(model: nn.Module) -> None:
 
 
 class TuneMethod(StepHooks):
-    """The hooks the loop calls; see methods.py. ``settings`` is ``config.method``, the method's own config."""
+    """The hooks the loop calls; see methods.py. ``settings`` is ``config.method``, the method's own config;
+    ``companded`` the targets' weight reparameterisation (``config.reparam``) of a method that trains through one."""
+
+    companded: CompandedWeights | None = None
 
     def __init__(self, config: TuneConfig, comm: Comm | None = None, progress: Callable[[int, int], None] | None = None):
         self.config = config
@@ -36,6 +40,12 @@ class TuneMethod(StepHooks):
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], resume: dict | None = None) -> nn.Module:
         """Freeze ``model``, make the trained tensors trainable, build the optimizer (restored from ``resume``,
         a checkpoint of :meth:`state`); returns the module the loop runs."""
+
+    def finish(self) -> None:
+        """Training is over: leave the model's trained weights plain (the reparameterisation removed) for
+        evaluation, saving and the caller."""
+        if self.companded is not None:
+            self.companded.remove()
 
     @abstractmethod
     def state(self) -> dict:

@@ -23,11 +23,13 @@ PatchDtype = Literal["fp16", "bf16", "fp32", "int8"]
 
 
 class TuneMethodConfig(BaseModel):
-    """What every method config has: its ``name`` (the discriminator; each subclass fixes it) and ``sparse``
-    (whether it trains masked entries with a budget)."""
+    """What every method config has: its ``name`` (the discriminator; each subclass fixes it), ``sparse``
+    (whether it trains masked entries with a budget) and ``reparametrizable`` (whether it trains the targets'
+    weights themselves, so that ``reparam`` can train them through a function W = f(V))."""
 
     model_config = ConfigDict(extra="forbid")
     sparse: ClassVar[bool] = False
+    reparametrizable: ClassVar[bool] = False
 
     name: str
 
@@ -36,6 +38,7 @@ class SparseMethodConfig(TuneMethodConfig):
     """Settings of the sparse methods: k entries per targeted matrix, by density or rank budget."""
 
     sparse: ClassVar[bool] = True
+    reparametrizable: ClassVar[bool] = True
 
     density: float | None = Field(
         None, gt=0, le=1, description=f"Fraction of each targeted matrix trained (default {DEFAULT_DENSITY} unless "
@@ -84,6 +87,7 @@ class FullConfig(TuneMethodConfig):
     """Full fine-tuning: every entry of the targeted weights, AdamW."""
 
     name: Literal["full"] = "full"
+    reparametrizable: ClassVar[bool] = True
 
 
 class AdapterMethodConfig(TuneMethodConfig):
@@ -228,6 +232,21 @@ def _nest_shortcuts(data: dict) -> dict:
     return nested
 
 
+class CompanderConfig(BaseModel):
+    """Weight compander (compander.py; Cakaj, Mehnert & Yang 2023, arXiv 2306.16993): each targeted weight trains as
+    W = β·tanh(α·V/β), bounded by β and expanded near zero by the slope α, V starting at f⁻¹(W) (model unchanged)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["compander"] = "compander"
+    expansion: float = Field(2.0, gt=0, description="alpha, the slope at zero: near-zero weights move alpha times as "
+                             "far as their latent (> 1 pushes them away from zero); the slope falls towards the bound.")
+    margin: float = Field(1.25, gt=1, description="Each row's bound beta starts at margin × its largest |W|: the "
+                          "furthest its weights can grow.")
+    learn: bool = Field(False, description="Also train alpha (per layer) and beta (per row), without weight decay; "
+                        "method full only (they move every weight, which a sparse patch cannot hold).")
+
+
 # Fields that change what is trained; a checkpoint resumes only under the same values of these.
 # The others (checkpoint cadence, evaluation) can change between a kill and the rerun.
 _RUN_ONLY_FIELDS = frozenset({
@@ -247,6 +266,9 @@ class TuneConfig(BaseModel):
         description="lift (principal weights of a rank-reduced W, sparse Adam), magnitude or random (sparse baselines: "
         "top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft), qat "
         "(quantization-aware training: a quantized run): a name, or a mapping with `name` and the method's settings.")
+    reparam: CompanderConfig | None = Field(
+        None, description="Train the targeted weights through a reparameterisation: 'compander' (bounded, zero-expanding "
+        "W = f(V); or a mapping with name and settings) for methods full, lift, magnitude and random; null = none.")
     task: str = Field("arithmetic", description="'arithmetic' (DeepMind mathematics_dataset problems) or a .jsonl file "
                       "of {prompt, response} / {messages} records.")
     train_examples: int = Field(2000, ge=1, description="Training examples drawn from the task.")
@@ -288,6 +310,26 @@ class TuneConfig(BaseModel):
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"'{pattern}' is not a valid regex: {err}") from None
+        return value
+
+    @field_validator("reparam", mode="before")
+    @classmethod
+    def _reparam_name(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("reparam")
+    @classmethod
+    def _reparam_fits_method(cls, value, info):
+        method = info.data.get("method")
+        if value is None or method is None:
+            return value
+        if not method.reparametrizable:
+            able = ", ".join(name for name, c in _BY_NAME.items() if c.reparametrizable)
+            raise ValueError(f"{value.name} cannot reparameterise method {method.name} (it does not train the weights "
+                             f"themselves): use one of {able}, or no reparam")
+        if value.learn and method.sparse:
+            raise ValueError(f"{value.name} learn=true moves every weight, which method {method.name}'s sparse patch "
+                             "cannot hold: set learn false, or use method full")
         return value
 
     @model_validator(mode="before")

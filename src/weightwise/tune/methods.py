@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from weightwise.tune import compander
 from weightwise.tune.base import AdamWMethod, TuneMethod, freeze
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import (
@@ -78,16 +79,17 @@ class SparseMethod(TuneMethod):
     """Train k entries per targeted matrix, chosen by :meth:`mask`, with SparseAdam.
 
     The entries ever trained (the union of all masks so far) are tracked with their base values, so
-    the result patch is exact without a copy of the base weights.
+    the result patch is exact without a copy of the base weights. Under the compander (``config.reparam``) the
+    masks and base values are of the weights W, while SparseAdam trains the latents V at the masked entries
+    (f is elementwise and its α, β fixed, so W changes only there).
     """
 
     def prepare(self, model, targets, resume=None):
         from weightwise.tune.optim import SparseAdam
 
         freeze(model)
+        self.targets = targets
         self.params = {name: module.weight for name, module in targets.items()}
-        for p in self.params.values():
-            p.requires_grad_(True)
         if resume is None:
             masks = self._masks(0)
             self.touched = {name: (idx, self.params[name].detach().view(-1)[idx].clone()) for name, idx in masks.items()}
@@ -97,9 +99,15 @@ class SparseMethod(TuneMethod):
             self.touched = {}
             for name, p in self.params.items():
                 idx = tensors[f"touched.{name}"].to(p.device)
-                flat = p.detach().view(-1)
-                self.touched[name] = (idx, flat[idx].clone())
-                flat[idx] = tensors[f"value.{name}"].to(device=p.device, dtype=p.dtype)
+                self.touched[name] = (idx, p.detach().view(-1)[idx].clone())
+        self.companded = compander.attach(targets, self.config.reparam)
+        if self.companded is not None:
+            self.params = self.companded.latents()
+        for name, p in self.params.items():
+            p.requires_grad_(True)
+            if resume is not None:
+                p.detach().view(-1)[self.touched[name][0]] = resume["tensors"][f"value.{name}"].to(device=p.device,
+                                                                                               dtype=p.dtype)
         self.optimizer = SparseAdam(self.params, masks, lr=self.config.lr, weight_decay=self.config.weight_decay)
         if resume is not None:
             optim = {key.removeprefix("optim."): value for key, value in {**resume["tensors"], **resume["scalars"]}.items()
@@ -116,6 +124,11 @@ class SparseMethod(TuneMethod):
     def refresh_every(self):
         return self.settings.refresh_every
 
+    def _weight(self, name: str) -> torch.Tensor:
+        """The current weight W of target ``name`` (f(V) + r under the compander)."""
+        with torch.no_grad():
+            return self.targets[name].weight.detach()
+
     def _masks(self, refresh_index: int) -> dict[str, torch.Tensor]:
         """Masks from the current weights, computed on process 0 and broadcast (identical everywhere)."""
         masks = {}
@@ -123,7 +136,7 @@ class SparseMethod(TuneMethod):
             k = budget_k(tuple(p.shape), **self.settings.budget)
             if self.comm.is_main:
                 generator = torch.Generator().manual_seed(mask_seed(self.config.seed, refresh_index, i))
-                masks[name] = self.mask(p.detach(), k, generator).to(p.device)
+                masks[name] = self.mask(self._weight(name), k, generator).to(p.device)
             else:
                 masks[name] = torch.empty(k, dtype=torch.long, device=p.device)
             if self.progress is not None:
@@ -138,7 +151,7 @@ class SparseMethod(TuneMethod):
             counts = self.optimizer.remask(name, idx)
             for key in totals:
                 totals[key] += counts[key]
-            self.touched[name] = extend_union(*self.touched[name], idx, self.params[name])
+            self.touched[name] = extend_union(*self.touched[name], idx, self._weight(name))
         if not self.comm.identical(list(self.state()["tensors"].values())):
             raise RuntimeError(f"the processes hold different masks after refresh {index}")
         return totals
@@ -182,7 +195,7 @@ class SparseMethod(TuneMethod):
         entries, shapes = {}, {}
         for name, p in self.params.items():
             idx, base = self.touched[name]
-            delta = p.detach().view(-1)[idx].float() - base.float()
+            delta = self._weight(name).view(-1)[idx].float() - base.float()
             changed = delta != 0
             entries[f"{name}.weight"] = (idx[changed].cpu(), delta[changed].cpu())
             shapes[f"{name}.weight"] = tuple(p.shape)
@@ -211,22 +224,32 @@ class RandomMethod(SparseMethod):
 
 class FullMethod(AdamWMethod):
     """Every entry of the targeted weights (the decoder blocks' linears by default), AdamW; the result is
-    a dense patch (every changed entry), kept against a copy of the base weights."""
+    a dense patch (every changed entry), kept against a copy of the base weights. Under the compander
+    (``config.reparam``) AdamW trains the latents V (and, with ``learn``, α and β without weight decay)."""
 
     def prepare(self, model, targets, resume=None):
         freeze(model)
-        self.params = {name: module.weight for name, module in targets.items()}
-        self.base = {name: p.detach().clone() for name, p in self.params.items()}
+        self.targets = targets
+        self.base = {name: module.weight.detach().clone() for name, module in targets.items()}
+        self.companded = compander.attach(targets, self.config.reparam)
+        self.params = ({name: module.weight for name, module in targets.items()} if self.companded is None
+                       else {**self.companded.latents(), **self.companded.hyperparameters()})
         for p in self.params.values():
             p.requires_grad_(True)
         self.build_optimizer(resume)
         return model
 
+    def param_groups(self):
+        if self.companded is None:
+            return super().param_groups()
+        latents, hyper = self.companded.latents(), self.companded.hyperparameters()
+        return [{"params": list(latents.values())}] + ([{"params": list(hyper.values()), "weight_decay": 0.0}] if hyper else [])
+
     def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
         from weightwise.tune.patch import WeightPatch
 
         base = {f"{name}.weight": w for name, w in self.base.items()}
-        tuned = {f"{name}.weight": p.detach() for name, p in self.params.items()}
+        tuned = {f"{name}.weight": module.weight.detach() for name, module in self.targets.items()}
         WeightPatch.from_models(base, tuned, metadata).save(out_dir / PATCH_FILE, value_dtype=patch_dtype)
         return [PATCH_FILE]
 
