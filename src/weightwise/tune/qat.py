@@ -6,6 +6,11 @@ The forward weight is exactly the weight the saved run dequantizes: the nearest 
 the scales as stored (rounded to their storage dtype), so a trained model and its saved run give the same logits
 bit for bit. After every optimizer step the codes are compared with the previous ones to track oscillations
 (frozen past ``freeze_threshold``); the step's record carries the fractions of oscillating and frozen weights.
+
+Memory: a layer's latent weight takes over its Linear's float32 weight (no copy); forward keeps only its input for
+backward, which recomputes the fake-quantized weight (fakequant.fake_quant_linear); the freezing state (moving
+averages, frozen codes) exists only when ``freeze_threshold`` is set. A step then holds the model, the latent weights'
+gradients and two Adam moments, the previous codes and directions (1 byte each per weight) and the activations.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from weightwise.errors import WeightwiseError
@@ -28,6 +32,7 @@ from weightwise.qlinear import QuantizedLinear
 from weightwise.tune.base import AdamWMethod, freeze
 from weightwise.tune.fakequant import (
     dampening_loss,
+    fake_quant_linear,
     fake_quantize,
     freeze_oscillating,
     grid_codes,
@@ -44,22 +49,29 @@ MODEL_DIR = "model"  # the quantized run inside a qat tune run
 
 class FakeQuantLinear(nn.Module):
     """A Linear in training for quantization: latent float32 ``weight``, group ``scales`` and ``offsets`` (asymmetric
-    formats) as parameters, the Linear's frozen ``bias``; forward uses the fake-quantized weight. ``frozen`` weights
-    keep their ``frozen_codes``."""
+    formats) as parameters, the Linear's frozen ``bias``; forward uses the fake-quantized weight. With ``freezing``,
+    ``frozen`` weights keep their ``frozen_codes`` (without it both are None: nothing is frozen).
+
+    ``weight`` becomes the latent weight without a copy when it is float32 already (the Linear's own weight at a
+    round-to-nearest start): training then updates that tensor in place."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bias: nn.Parameter | None,
-                 spec: QuantSpec, learn_scales: bool):
+                 spec: QuantSpec, learn_scales: bool, freezing: bool = False):
         super().__init__()
         self.spec, self.shape = spec, tuple(weight.shape)
-        self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
+        self.weight = nn.Parameter(weight.detach().to(torch.float32))
         self.scales = nn.Parameter(scales.detach().to(torch.float32).clone(), requires_grad=learn_scales)
         self.offsets = None if offsets is None else nn.Parameter(offsets.detach().to(torch.float32).clone(),
                                                                  requires_grad=learn_scales)
         self.bias = bias
         self.gradient_scale = lsq_gradient_scale(spec, self.shape)
-        layout = group_layout(self.shape, spec)
-        self.register_buffer("frozen", torch.zeros(layout, dtype=torch.bool, device=self.weight.device))
-        self.register_buffer("frozen_codes", torch.zeros(layout, dtype=torch.uint8, device=self.weight.device))
+        layout, device = group_layout(self.shape, spec), self.weight.device
+        self.register_buffer("frozen", torch.zeros(layout, dtype=torch.bool, device=device) if freezing else None)
+        self.register_buffer("frozen_codes", torch.zeros(layout, dtype=torch.uint8, device=device) if freezing else None)
+
+    def latent(self) -> torch.Tensor:
+        """The float32 (out, in) weight that is fake-quantized: the latent ``weight``."""
+        return self.weight
 
     def quantizer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scales and offsets forward uses: their stored values, with LSQ's scaled gradients."""
@@ -72,7 +84,7 @@ class FakeQuantLinear(nn.Module):
     def grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(latent weight groups (R, G, g), scales, offsets as :meth:`quantizer` gives them, the codes now)."""
         scales, offsets = self.quantizer()
-        groups = to_groups(self.weight, self.spec)
+        groups = to_groups(self.latent(), self.spec)
         codes = grid_codes(groups, scales, offsets, self.spec.number_format, self.frozen, self.frozen_codes)
         return groups, scales, offsets, codes
 
@@ -81,7 +93,8 @@ class FakeQuantLinear(nn.Module):
         return self.grid()[3]
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized float32 weight (differentiable in the latent weight, scales and offsets)."""
+        """The fake-quantized float32 weight (differentiable in the latent weight, scales and offsets): what forward
+        multiplies by, with the gradients forward's backward gives."""
         groups, scales, offsets, codes = self.grid()
         return from_groups(fake_quantize(groups, scales, offsets, self.spec.number_format, codes, self.frozen), self.shape)
 
@@ -91,8 +104,7 @@ class FakeQuantLinear(nn.Module):
         return dampening_loss(groups, scales, offsets, self.spec.number_format, codes, self.frozen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+        return fake_quant_linear(x, self.latent(), *self.quantizer(), self.bias, self.spec, self.frozen, self.frozen_codes)
 
     @torch.no_grad()
     def to_quantized(self) -> QuantizedLinear:
@@ -104,8 +116,11 @@ class FakeQuantLinear(nn.Module):
                              None if offsets is None else encode_scale(offsets, dtype), self.shape, self.spec)
         return QuantizedLinear.from_quantized(qt, self.bias)
 
+    def frozen_count(self) -> int:
+        return 0 if self.frozen is None else int(self.frozen.sum())
+
     def extra_repr(self) -> str:
-        return f"in={self.shape[1]}, out={self.shape[0]}, format={self.spec.format}, frozen={int(self.frozen.sum())}"
+        return f"in={self.shape[1]}, out={self.shape[0]}, format={self.spec.format}, frozen={self.frozen_count()}"
 
 
 class QATMethod(AdamWMethod):
@@ -126,7 +141,8 @@ class QATMethod(AdamWMethod):
         start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
         logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
         self.model = model
-        self.layers = {name: FakeQuantLinear(*start[name], linear.bias, spec, settings.learn_scales)
+        freezing = settings.freeze_threshold is not None
+        self.layers = {name: FakeQuantLinear(*start[name], linear.bias, spec, settings.learn_scales, freezing)
                        for name, linear in targets.items()}
         for name, layer in self.layers.items():
             model.set_submodule(name, layer)
@@ -148,13 +164,13 @@ class QATMethod(AdamWMethod):
         return [{"params": latents}] + ([{"params": quantizers, "weight_decay": 0.0}] if quantizers else [])
 
     def _start_tracking(self, layer: FakeQuantLinear) -> dict[str, torch.Tensor]:
-        """Per weight: its codes, last direction of change, oscillation frequency and (freezing) moving-average code."""
+        """Per weight: its codes and last direction of change; when freezing, also its oscillation frequency and
+        moving-average code (the step's oscillating fraction needs neither)."""
         with torch.no_grad():
             codes = layer.codes()
-        state = {"codes": codes, "direction": torch.zeros_like(codes, dtype=torch.int8),
-                 "frequency": torch.zeros_like(codes, dtype=torch.float32)}
+        state = {"codes": codes, "direction": torch.zeros_like(codes, dtype=torch.int8)}
         if self.settings.freeze_threshold is not None:
-            state["average"] = codes.to(torch.float32)
+            state.update(frequency=torch.zeros_like(codes, dtype=torch.float32), average=codes.to(torch.float32))
         return state
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,11 +183,15 @@ class QATMethod(AdamWMethod):
                 self.tracking[name] = {key: tensors[f"track.{name}.{key}"].to(device) for key in self.tracking[name]}
 
     def gradients(self):
-        """The step's gradients, with the dampening loss's (divided over the processes, which sum them) added."""
+        """The step's gradients, with the dampening loss's (divided over the processes, which sum them) added; one
+        layer's backward at a time, so that one layer's intermediates live at once."""
         if self.settings.dampening:
-            loss = self.settings.dampening * sum(layer.dampening() for layer in self.layers.values()) / self.entries
-            (loss / self.comm.world).backward()
-            self.metrics["qat_dampening"] = loss.item()
+            total = 0.0
+            for layer in self.layers.values():
+                loss = self.settings.dampening * layer.dampening() / self.entries
+                (loss / self.comm.world).backward()
+                total += loss.item()
+            self.metrics["qat_dampening"] = total
         return super().gradients()
 
     def step(self, lr):
@@ -181,16 +201,22 @@ class QATMethod(AdamWMethod):
         with torch.no_grad():
             for name, layer in self.layers.items():
                 track, codes = self.tracking[name], layer.codes()
-                track["direction"], track["frequency"], now = track_oscillations(
-                    track["codes"], track["direction"], track["frequency"], codes, settings.oscillation_momentum)
+                track["direction"], frequency, now = track_oscillations(
+                    track["codes"], track["direction"], track.get("frequency"), codes, settings.oscillation_momentum)
                 track["codes"] = codes
                 if settings.freeze_threshold is not None:
+                    track["frequency"] = frequency
                     track["average"] = torch.lerp(track["average"], codes.to(torch.float32), settings.oscillation_momentum)
                     layer.frozen, layer.frozen_codes = freeze_oscillating(
-                        track["frequency"], settings.freeze_threshold, layer.frozen, layer.frozen_codes, track["average"])
+                        frequency, settings.freeze_threshold, layer.frozen, layer.frozen_codes, track["average"])
                 oscillated += int(now.sum())
-                frozen += int(layer.frozen.sum())
+                frozen += layer.frozen_count()
         self.metrics.update(qat_oscillating=oscillated / self.entries, qat_frozen=frozen / self.entries)
+
+    def zero_grad(self):
+        """Zero the gradients in place: they keep their memory from step to step (no reallocation among the
+        activations, whose holes would grow the process's resident memory)."""
+        self.optimizer.zero_grad(set_to_none=False)
 
     def step_metrics(self):
         return dict(self.metrics)
@@ -220,7 +246,7 @@ class QATMethod(AdamWMethod):
             layers[name] = LayerRecord(
                 spec=settings.spec, stored_bits=quantized[name].stored_bits(),
                 sqnr_db=weight_sqnr_db(layer.weight.detach(), quantized[name].dequantized_weight()),
-                diagnostics={"qat": {"frozen": int(layer.frozen.sum())}})
+                diagnostics={"qat": {"frozen": layer.frozen_count()}})
         recipe = QuantRecipe(format=settings.format, granularity=settings.granularity, group_size=settings.group_size,
                              targets=self.config.targets).model_dump(mode="json")
         record = QuantizationRecord(
