@@ -69,7 +69,7 @@ def test_config_shape_shortcuts_and_ranges():
         validated(TuneConfig, {"method": "lift", "format": "int4"})
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "mxint8", "ternary", "iq4_nl"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4_e2m1", "mxint8", "iq4_nl", "fp8_e4m3"])
 def test_non_integer_formats_are_refused_naming_the_format_and_the_supported_ones(fmt):
     with pytest.raises(WeightwiseError, match=f"not format '{fmt}': use int2..int8 .* int2_asym..int8_asym") as err:
         validated(TuneConfig, {"method": "qat", "format": fmt})
@@ -334,6 +334,49 @@ def test_the_saved_run_gives_the_training_models_logits_bit_for_bit(toy_task, tm
     assert all("qat_oscillating" in r and "qat_frozen" in r for r in lines)
 
 
+def test_ternary_trains_from_absmean_scales_and_saves_packed_two_bit_codes(toy_task, tmp_path):
+    """BitNet b1.58's ternary format on the same path: scales start at each group's absmean (as stored, fp16), codes
+    are {-1, 0, +1}, the loss goes down, and the saved run holds 2-bit packed codes with the training model's logits."""
+    from safetensors.torch import load_file
+
+    from weightwise.formats.quantizer import storage_bits
+    from weightwise.tune.api import target_modules
+
+    config = qat(toy_task, method={"format": "ternary"}, max_steps=8, lr=1e-2)
+    spec = config.method.spec
+    model, method, examples = prepared(config)
+    originals = target_modules(tiny_model(), config)
+    for name, layer in method.layers.items():
+        absmean = to_groups(originals[name].weight.detach(), spec).abs().mean(-1)
+        assert torch.equal(layer.scales.detach(), absmean.half().float()), name
+        assert set(layer.codes().unique().tolist()) <= {0, 1, 2}  # ternary's values -1, 0, +1 (code 3 is unused)
+    start = {name: layer.codes() for name, layer in method.layers.items()}
+    records = []
+    train(model, method, examples, config, pad_token_id=0, on_step=records.append)
+    losses = [r["loss"] for r in records]
+    assert losses[-1] < 0.9 * losses[0], losses
+    moved = sum(int((layer.codes() != start[name]).sum()) for name, layer in method.layers.items())
+    assert moved > 0 and all(set(layer.codes().unique().tolist()) <= {0, 1, 2} for layer in method.layers.values())
+
+    trained = tiny_model()
+    tune(trained, tiny_tokenizer(), config, tmp_path / "run")
+    with torch.no_grad():
+        expected = trained(ids()).logits
+    loaded, _ = load_model(tmp_path / "run" / "model")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, expected)
+    tensors = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"
+    rows, cols = originals[name].weight.shape
+    assert tensors[f"{name}.packed_codes"].dtype == torch.uint8
+    assert tensors[f"{name}.packed_codes"].numel() == rows * cols * 2 // 8  # 2 bits a weight
+    layer = loaded.get_submodule(name)
+    assert set(unpacked_codes(layer.quantized_tensor()).unique().tolist()) <= {0, 1, 2}
+    assert layer.stored_bits() == storage_bits((rows, cols), spec)
+    manifest = json.loads((tmp_path / "run" / "model" / "manifest.json").read_text())
+    assert {layer["spec"]["format"] for layer in manifest["layers"].values()} == {"ternary"}
+
+
 def test_init_from_a_quantized_run(toy_task, tmp_path):
     from weightwise.io.folders import save
     from weightwise.quantize import quantize
@@ -404,6 +447,11 @@ def test_cli_qat_from_a_quantized_run_and_its_user_errors(capsys, monkeypatch, t
     code, _, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "run" / "model", "--window", "64", "--max-tokens", "128",
                            "-o", tmp_path / "report")
     assert code == 0, err
+    code, _, err = run_cli(capsys, monkeypatch, *common, "--method", "qat", "--format", "ternary", "-g", "32",
+                           "-o", tmp_path / "ternary")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "ternary" / "model" / "manifest.json").read_text())
+    assert {layer["spec"]["format"] for layer in manifest["layers"].values()} == {"ternary"}
     for options, message in ((["--method", "qat", "--format", "nf4"], "not format 'nf4': use int2..int8"),
                              (["--method", "lift", "--format", "int4"], "format is not a setting of method lift"),
                              (["--method", "qat", "--format", "int4"], "group size 64 does not divide the row length 96")):

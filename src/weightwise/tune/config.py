@@ -7,6 +7,7 @@ dora, pissa) a rank, qat the quantization spec of its result and its oscillation
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
@@ -126,7 +127,7 @@ class PissaConfig(AdapterMethodConfig):
     pissa_init: ClassVar[bool] = True
 
 
-QAT_FORMATS = "int2..int8 (signed) or int2_asym..int8_asym"
+QAT_FORMATS = "int2..int8 (signed), int2_asym..int8_asym or ternary"
 
 
 class QATConfig(TuneMethodConfig):
@@ -155,7 +156,10 @@ class QATConfig(TuneMethodConfig):
     @model_validator(mode="after")
     def _integer_grid(self):
         fmt = self.spec.number_format
-        if fmt.family != "integer" or fmt.code_offset is None or fmt.scaling not in ("signed_absmax", "minmax"):
+        values = [v for v in fmt.values if not math.isnan(v)]  # in code order
+        # consecutive integers with codes in value order (int*, ternary): the straight-through and LSQ gradients
+        # (round(y) − y), the bin centres and the direction of a code change all assume it
+        if fmt.scaling == "mx" or values != [values[0] + i for i in range(len(values))]:
             raise ValueError(f"qat trains integer grids, not format '{self.format}': use {QAT_FORMATS}")
         return self
 
