@@ -30,7 +30,7 @@ def toy_task(tmp_path):
 
 SPARSE = {"density": 0.1}
 QUICK_METHOD = {"lift": {**SPARSE, "filter_rank": 8}, "magnitude": SPARSE, "random": SPARSE,
-                "qat": {"group_size": 32}}  # as flat shortcuts
+                "qat": {"group_size": 32}, "qat-lora": {"group_size": 32}}  # as flat shortcuts
 
 
 def quick(task: str, method: str = "lift", **fields) -> TuneConfig:
@@ -159,7 +159,8 @@ def test_public_api_exports_tune_and_its_config(tmp_path):
 
 def test_registry_covers_every_method():
     assert set(METHODS) == set(METHOD_CONFIGS)
-    assert set(METHOD_NAMES) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random", "qat"}
+    assert set(METHOD_NAMES) == {"lift", "full", "lora", "dora", "pissa", "magnitude", "random", "qat",
+                                 "qat-lora"}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_NAMES))

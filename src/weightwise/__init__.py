@@ -33,6 +33,7 @@ _API = {
     "DoraConfig": "weightwise.tune.config",
     "PissaConfig": "weightwise.tune.config",
     "QATConfig": "weightwise.tune.config",
+    "QATLoraConfig": "weightwise.tune.config",
     "tune": "weightwise.tune.api",
 }
 

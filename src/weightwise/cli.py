@@ -273,7 +273,7 @@ _S = shortcut_description
 @app.command("tune")
 def tune_cmd(
     model: ModelArg = "default",
-    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors, adapter/ or model/ (qat: a quantized run), metrics, manifest.json, checkpoints while running).")] = ...,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors, adapter/ or model/ (qat, qat-lora: a quantized run), metrics, manifest.json, checkpoints while running).")] = ...,
     task: Annotated[Optional[str], typer.Option("--task", help=_T["task"].description)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=_T["method"].description)] = None,
     density: Annotated[Optional[float], typer.Option("--density", help=_S("density"))] = None,
@@ -310,7 +310,7 @@ def tune_cmd(
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
-    """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch, a peft adapter or (qat) a quantized run.
+    """Fine-tune MODEL on a task (LIFT by default) and save a sparse weight patch, a peft adapter or (qat, qat-lora) a quantized run.
 
     The method options (--density ... --init) set the chosen method's settings; one it does not read is an error.
 

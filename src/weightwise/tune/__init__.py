@@ -1,6 +1,6 @@
 """Fine-tuning: LIFT principal-weight masks (lift.py), the sparse-state optimizer (optim.py), the one
-training loop (loop.py) with its methods registry (methods.py), quantization-aware training (qat.py), the
-API (api.py) and sparse weight patches (patch.py).
+training loop (loop.py) with its methods registry (methods.py), quantization-aware training (qat.py and
+qat_lora.py), the API (api.py) and sparse weight patches (patch.py).
 
 Imported lazily, so that ``import weightwise.tune.lift`` does not pay for peft or transformers. The
 package is callable as ``weightwise.tune(...)`` (see ``weightwise._callable``).
@@ -19,6 +19,7 @@ _API = {
     "MagnitudeConfig": "weightwise.tune.config",
     "PissaConfig": "weightwise.tune.config",
     "QATConfig": "weightwise.tune.config",
+    "QATLoraConfig": "weightwise.tune.config",
     "RandomMaskConfig": "weightwise.tune.config",
     "TuneConfig": "weightwise.tune.config",
     "WeightPatch": "weightwise.tune.patch",

@@ -2,7 +2,8 @@
 
 The method and its own settings are one typed config per method (``method``, discriminated by ``name``):
 the sparse methods (lift, magnitude, random) carry a budget, lift its filter too, the peft adapters (lora,
-dora, pissa) a rank, qat the quantization spec of its result and its oscillation handling. The flat fields of version 1 (``density``, ``lora_rank``, ...) still work as shortcuts.
+dora, pissa) a rank, qat the quantization spec of its result and its oscillation handling, qat-lora both a rank and
+that spec. The flat fields of version 1 (``density``, ``lora_rank``, ...) still work as shortcuts.
 """
 
 from __future__ import annotations
@@ -91,20 +92,25 @@ class FullConfig(TuneMethodConfig):
     reparametrizable: ClassVar[bool] = True
 
 
-class AdapterMethodConfig(TuneMethodConfig):
+class LowRankConfig(TuneMethodConfig):
+    """The rank and scaling of a trained low-rank pair B·A (the peft adapters, qat-lora)."""
+
+    rank: int = Field(DEFAULT_LORA_RANK, ge=1, description=f"Adapter rank (default {DEFAULT_LORA_RANK}; the flat "
+                      "rank_budget shortcut sets it when no rank is given, so the trained counts match).")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator alpha (default: 2 × rank).")
+
+    @property
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+class AdapterMethodConfig(LowRankConfig):
     """Settings of the peft adapters; ``use_dora`` / ``pissa_init`` say which variant a subclass is."""
 
     use_dora: ClassVar[bool] = False
     pissa_init: ClassVar[bool] = False
 
-    rank: int = Field(DEFAULT_LORA_RANK, ge=1, description=f"Adapter rank (default {DEFAULT_LORA_RANK}; the flat "
-                      "rank_budget shortcut sets it when no rank is given, so the trained counts match).")
-    alpha: float | None = Field(None, gt=0, description="Scaling numerator alpha (default: 2 × rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-
-    @property
-    def resolved_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else 2.0 * self.rank
 
 
 class LoraConfig(AdapterMethodConfig):
@@ -130,15 +136,10 @@ class PissaConfig(AdapterMethodConfig):
 QAT_FORMATS = "int2..int8 (signed), int2_asym..int8_asym or ternary"
 
 
-class QATConfig(TuneMethodConfig):
-    """Quantization-aware training (qat.py): latent float weights and (LSQ/LSQ+) learned scales and offsets of the
-    targeted Linears, trained through their fake-quantized weights; the result is a quantized run of ``spec``.
+class QuantizerTrainingConfig(TuneMethodConfig):
+    """What the quantization-aware methods (qat, qat-lora) share: the integer grid of their result (a quantized run
+    of ``spec``), where training starts and whether the group scales and offsets are learned."""
 
-    Oscillations of weights between two grid points (Nagel et al. 2022, arXiv 2203.11086) are tracked, and can be
-    damped (a pull towards the bin centre) or frozen (fixed to their most frequent code).
-    """
-
-    name: Literal["qat"] = "qat"
     format: str = Field("int4", description=f"Integer format of the result ({QAT_FORMATS}).")
     granularity: Granularity = Field("group", description=QuantSpec.model_fields["granularity"].description)
     group_size: int | None = Field(None, description=QuantSpec.model_fields["group_size"].description)
@@ -146,12 +147,6 @@ class QATConfig(TuneMethodConfig):
                       "quantized run of the same model and spec (a folder: its scales and dequantized weights).")
     learn_scales: bool = Field(True, description="Train the group scales and offsets (LSQ/LSQ+, gradients scaled by "
                                "1/sqrt(group size × largest code)); false keeps the initial ones.")
-    oscillation_momentum: float = Field(0.01, gt=0, le=1, description="Momentum of the per-weight moving average of "
-                                        "oscillations (a code change that reverses the previous one).")
-    dampening: float = Field(0.0, ge=0, description="Weight of the dampening loss: the mean squared distance of each "
-                             "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
-    freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
-                                           "once its oscillation frequency exceeds this; null = never.")
 
     @model_validator(mode="after")
     def _integer_grid(self):
@@ -160,7 +155,7 @@ class QATConfig(TuneMethodConfig):
         # consecutive integers with codes in value order (int*, ternary): the straight-through and LSQ gradients
         # (round(y) − y), the bin centres and the direction of a code change all assume it
         if fmt.scaling == "mx" or values != [values[0] + i for i in range(len(values))]:
-            raise ValueError(f"qat trains integer grids, not format '{self.format}': use {QAT_FORMATS}")
+            raise ValueError(f"{self.name} trains integer grids, not format '{self.format}': use {QAT_FORMATS}")
         return self
 
     @property
@@ -169,8 +164,35 @@ class QATConfig(TuneMethodConfig):
         return QuantSpec(format=self.format, granularity=self.granularity, group_size=self.group_size)
 
 
+class QATConfig(QuantizerTrainingConfig):
+    """Quantization-aware training (qat.py): latent float weights and (LSQ/LSQ+) learned scales and offsets of the
+    targeted Linears, trained through their fake-quantized weights; the result is a quantized run of ``spec``.
+
+    Oscillations of weights between two grid points (Nagel et al. 2022, arXiv 2203.11086) are tracked, and can be
+    damped (a pull towards the bin centre) or frozen (fixed to their most frequent code).
+    """
+
+    name: Literal["qat"] = "qat"
+    oscillation_momentum: float = Field(0.01, gt=0, le=1, description="Momentum of the per-weight moving average of "
+                                        "oscillations (a code change that reverses the previous one).")
+    dampening: float = Field(0.0, ge=0, description="Weight of the dampening loss: the mean squared distance of each "
+                             "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
+    freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
+                                           "once its oscillation frequency exceeds this; null = never.")
+
+
+class QATLoraConfig(QuantizerTrainingConfig, LowRankConfig):
+    """QAT-LoRA (qat_lora.py; L4Q, arXiv 2402.04902): each targeted Linear's float weight W0 stays frozen while a
+    rank-r pair B·A and the (LSQ/LSQ+) scales and offsets train through fake_quant(W0 + alpha/r·B·A); the result
+    is a quantized run of ``spec`` (the adapters merged into its codes), like qat's, from far fewer trained numbers.
+    """
+
+    name: Literal["qat-lora"] = "qat-lora"
+
+
 METHOD_CONFIGS: tuple[type[TuneMethodConfig], ...] = (
-    LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig, QATConfig)
+    LiftConfig, MagnitudeConfig, RandomMaskConfig, FullConfig, LoraConfig, DoraConfig, PissaConfig, QATConfig,
+    QATLoraConfig)
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007 (a Union of the tuple)
 METHOD_NAMES: tuple[str, ...] = tuple(cls.model_fields["name"].default for cls in METHOD_CONFIGS)
 _BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
@@ -269,7 +291,8 @@ class TuneConfig(BaseModel):
         default_factory=LiftConfig,
         description="lift (principal weights of a rank-reduced W, sparse Adam), magnitude or random (sparse baselines: "
         "top-k |W| / uniform masks), full (every targeted weight, AdamW), lora, dora or pissa (peft), qat "
-        "(quantization-aware training: a quantized run): a name, or a mapping with `name` and the method's settings.")
+        "(quantization-aware training: a quantized run), qat-lora (a frozen W and a trained low-rank pair, quantized "
+        "together: a quantized run): a name, or a mapping with `name` and the method's settings.")
     reparam: CompanderConfig | None = Field(
         None, description="Train the targeted weights through a reparameterisation: 'compander' (bounded, zero-expanding "
         "W = f(V); or a mapping with name and settings) for methods full, lift, magnitude and random; null = none.")

@@ -10,12 +10,13 @@ norms and lm_head stay frozen) and offers the same hooks:
 - ``step(lr)`` / ``zero_grad()``; ``refresh(index)`` every ``refresh_every`` steps (sparse methods: recompute the masks);
 - ``state()`` / the ``resume`` argument: everything a checkpoint needs to continue bit for bit;
 - ``step_metrics()`` numbers of the step just taken for its record (qat: oscillating and frozen fractions);
-- ``save_result(out_dir, metadata, patch_dtype, tokenizer)``: a sparse weight patch, a peft adapter, or (qat) a
-  quantized model folder.
+- ``save_result(out_dir, metadata, patch_dtype, tokenizer)``: a sparse weight patch, a peft adapter, or (qat,
+  qat-lora) a quantized model folder.
 
 Sparse methods (lift, magnitude, random) keep Adam moments for the k masked entries only (SparseAdam);
 full fine-tuning uses AdamW on every targeted weight; lora, dora and pissa wrap the model with peft;
-qat (qat.py) trains latent weights and scales through fake quantization. The base classes are in base.py.
+qat (qat.py) trains latent weights and scales through fake quantization, qat-lora (qat_lora.py) a low-rank pair
+added to frozen weights and the scales. The base classes are in base.py.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from weightwise.tune.config import (
     MagnitudeConfig,
     PissaConfig,
     QATConfig,
+    QATLoraConfig,
     RandomMaskConfig,
     TuneConfig,
     TuneMethodConfig,
 )
 from weightwise.tune.lift import budget_k, magnitude_mask, principal_mask, random_mask
 from weightwise.tune.qat import QATMethod
+from weightwise.tune.qat_lora import QATLoraMethod
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +313,7 @@ class LoraMethod(AdamWMethod):
 METHODS: dict[type[TuneMethodConfig], type[TuneMethod]] = {
     LiftConfig: LiftMethod, MagnitudeConfig: MagnitudeMethod, RandomMaskConfig: RandomMethod, FullConfig: FullMethod,
     LoraConfig: LoraMethod, DoraConfig: LoraMethod, PissaConfig: LoraMethod, QATConfig: QATMethod,
+    QATLoraConfig: QATLoraMethod,
 }
 
 
