@@ -26,8 +26,10 @@ The protocol, on the default SmolLM2-135M-Instruct (``load_model("default")``):
   from ``gptq-int3-g64-clip-ls4`` and from RTN; target ≤ 16.6 against PTQ with block tuning, 17.56), and
   ``int2-rtn-damp-freeze`` (oscillations: ``int2-rtn``, plain LSQ, is its other arm; the same tokens with the
   dampening loss ``--dampening`` and freezing past ``--freeze-threshold``): final oscillating fraction (the last
-  step's, and the mean over the last 10 % of steps), frozen fraction, ppl. A PTQ start is quantized with weightwise's
-  own ``quantize`` (the recipe of bench/methods.py) and cached in ``WORK/ptq/<recipe>/`` when absent; the PTQ
+  step's, and the mean over the last 10 % of steps), frozen fraction, ppl; ``int2-rtn-lora`` (QAT-LoRA, ``method:
+  qat-lora``: W0 frozen, a rank ``--lora-rank`` pair and the scales trained at ``--lora-lr``; ``int2-rtn`` is its QAT
+  arm on the same tokens): ppl, trained parameters, optimizer state and peak memory of training. A PTQ start is
+  quantized with weightwise's own ``quantize`` (the recipe of bench/methods.py) and cached in ``WORK/ptq/<recipe>/`` when absent; the PTQ
   reference figures are read from bench/results/methods-*.json (16 windows), "not measured" when absent.
 - Each row records training tokens, steps, epochs, wall-clock, peak RSS of training (the worker's own process), the
   device, the loss curve's ends and oscillation metrics from ``metrics.jsonl``.
@@ -44,12 +46,12 @@ so this puts its per-weight gradient at a fraction of the task loss's) were chos
     .venv/bin/python bench/qat.py                                   # every row (≤ 2 h each on 2 cores; resumable)
     .venv/bin/python bench/qat.py --only int2-ptq int3-ptq          # some rows
     .venv/bin/python bench/qat.py --only int2-rtn --steps 200 --lr 1e-4 --out bench/results/qat-lr1e-4.json
-    .venv/bin/python bench/qat.py --quick                           # the wiring: 3 rows, 3 steps of 2 × 128 tokens
+    .venv/bin/python bench/qat.py --quick                           # the wiring: 4 rows, 3 steps of 2 × 128 tokens
     .venv/bin/python bench/qat.py --report                          # the Markdown of the rows measured so far
     python bench/qat.py --device cuda                               # train (and quantize the PTQ starts) on a GPU
 
-``--quick`` runs the rows int2-ptq, int2-rtn-damp-freeze and int3-rtn (one of each path), trains 3 steps of
-2 × 128-token windows (a checkpoint at step 2), scores 2 eval windows and, instead of the GPTQ runs (minutes each),
+``--quick`` runs the rows int2-ptq, int2-rtn-damp-freeze, int3-rtn and int2-rtn-lora (one of each path), trains 3
+steps of 2 × 128-token windows (a checkpoint at step 2), scores 2 eval windows and, instead of the GPTQ runs (minutes each),
 starts the PTQ row from a round-to-nearest run saved by the same ``quantize`` path: it checks the wiring only. Results: bench/results/qat.json and qat.md beside it (``--quick``: qat-quick.*), rewritten
 after every row; a rerun skips rows measured with the same settings. Every row (and every PTQ quantization) runs in
 its own process, so its peak RSS is its own. Work files: runs/bench-qat[-quick]/.
@@ -86,6 +88,7 @@ ROWS: dict[str, dict] = {
     "int2-rtn-damp-freeze": {"format": "int2_asym", "init": "rtn", "damp_freeze": True},
     "int3-ptq": {"format": "int3", "init": "gptq-int3-g64-clip-ls4"},
     "int3-rtn": {"format": "int3", "init": "rtn"},
+    "int2-rtn-lora": {"format": "int2_asym", "init": "rtn", "method": "qat-lora"},
 }
 # The issue's targets (2.0 × and 1.1 × the source's ppl 15.1) and where the PTQ figures they are set against live:
 # (recipe in bench/methods.py, results file). The first is the figure the target beats; the second, when given, is
@@ -96,9 +99,11 @@ PTQ_REFERENCES = {
     "int3": [("gptq-int3-g64-clip-ls4-bt", "methods-gpu.json"), ("gptq-int3-g64-clip-ls4", "methods-s3.json")],
 }
 GGUF_EXACT = {"int2_asym": "Q4_1", "int3_asym": "Q4_1", "int2": "Q4_0", "int3": "Q4_0"}  # export/gguf_types.py's rules
-QUICK_ROWS = ("int2-ptq", "int2-rtn-damp-freeze", "int3-rtn")  # one of each path: PTQ start, damp/freeze, Q4_0 export
+QUICK_ROWS = ("int2-ptq", "int2-rtn-damp-freeze", "int3-rtn", "int2-rtn-lora")  # one of each path: PTQ start,
+# damp/freeze, Q4_0 export, qat-lora
 OSCILLATION_TAIL = 0.10  # the last fraction of steps averaged for the "final" oscillating fraction
 DEFAULT_LR, DEFAULT_DAMPENING, DEFAULT_FREEZE = 5e-5, 100.0, 0.02
+DEFAULT_LORA_RANK, DEFAULT_LORA_LR = 16, 1e-4  # qat-lora rows: TuneConfig's default lr for adapters; not tuned here
 
 
 # --- settings and references ------------------------------------------------------------------------
@@ -126,10 +131,12 @@ def ptq_folder(name: str, args) -> Path:
 
 
 def method_config(row: str, args) -> dict:
-    """The qat method config of a row (``init``: "rtn" or the PTQ run's folder)."""
+    """The qat (or qat-lora) method config of a row (``init``: "rtn" or the PTQ run's folder)."""
     spec = ROWS[row]
     init = "rtn" if spec["init"] == "rtn" else str(ptq_folder(spec["init"], args))
-    config = {"name": "qat", "format": spec["format"], "group_size": GROUP_SIZE, "init": init}
+    config = {"name": spec.get("method", "qat"), "format": spec["format"], "group_size": GROUP_SIZE, "init": init}
+    if config["name"] == "qat-lora":
+        config["rank"] = args.lora_rank
     if spec.get("damp_freeze"):
         config.update(dampening=args.dampening, freeze_threshold=args.freeze_threshold)
     return config
@@ -138,7 +145,8 @@ def method_config(row: str, args) -> dict:
 def tune_config(row: str, args, data: dict) -> dict:
     return {"method": method_config(row, args), "task": data["path"], "train_examples": data["n_records"],
             "test_examples": 0, "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.seq_len,
-            "lr": args.lr, "warmup_steps": args.warmup, "seed": args.seed, "eval_before": False,
+            "lr": args.lora_lr if ROWS[row].get("method") == "qat-lora" else args.lr, "warmup_steps": args.warmup,
+            "seed": args.seed, "eval_before": False,
             "retention_max_tokens": 0, "checkpoint_every": args.checkpoint_every}
 
 
@@ -360,6 +368,7 @@ def run_row(row: str, args, data: dict) -> dict:
                                                   "loss_last", "peak_rss_mb")},
               "tune_seconds": metrics["seconds"], "resumed_from_step": metrics.get("resumed_from_step"),
               "reused_finished_run": bool(metrics.get("reused")), "trained_entries": metrics["trained_entries"],
+              "optimizer_state_bytes": metrics["optimizer_state_bytes"],
               "cuda_peak_allocated_mb": metrics.get("cuda_peak_allocated_mb")}
     log = step_log(out)
     record["train"]["tokens_all_steps"] = sum(r["tokens"] for r in log)  # the log spans a resumed run's earlier steps
@@ -511,6 +520,19 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {method.get('dampening', 0)} | {method.get('freeze_threshold') or '–'} | "
                          f"{_num(o.get('oscillating_last'), '.5f')} | {_num(o.get('oscillating_tail_mean'), '.5f')} | "
                          f"{_num(o.get('frozen_last'), '.5f')} | {r['result']['ppl']:.3f} |")
+    arms = [n for n in ("int2-rtn", "int2-rtn-lora") if "result" in results["rows"].get(n, {})]
+    if arms:
+        lines += ["", "QAT against QAT-LoRA (int2_asym g64 from RTN, the same tokens):", "",
+                  "| row | method | lr | trained parameters | optimizer state MB | train peak RSS MB | CUDA peak MB | "
+                  "QAT ppl |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name in arms:
+            r = results["rows"][name]
+            tune, method = r["key"]["tune"], r["key"]["tune"]["method"]
+            label = method["name"] + (f" rank {method['rank']}" if "rank" in method else "")
+            state = r.get("optimizer_state_bytes")
+            lines.append(f"| {name} | {label} | {tune['lr']:g} | {r['trained_entries']:,} | "
+                         f"{_num(state and state / 1e6, '.1f')} | {r['train']['peak_rss_mb']:.0f} | "
+                         f"{_num(r.get('cuda_peak_allocated_mb'), '.0f')} | {r['result']['ppl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -523,8 +545,8 @@ def eval_tokens_of(settings: dict) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="rows int2-ptq, int2-rtn-damp-freeze, int3-rtn; 3 steps of "
-                        "2 × 128 tokens, 2 eval windows, RTN stand-ins for the PTQ starts: the wiring only (results in "
+    parser.add_argument("--quick", action="store_true", help="rows int2-ptq, int2-rtn-damp-freeze, int3-rtn, "
+                        "int2-rtn-lora; 3 steps of 2 × 128 tokens, 2 eval windows, RTN stand-ins for the PTQ starts: the wiring only (results in "
                         "bench/results/qat-quick.*)")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows: {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 300; quick 3)")
@@ -535,6 +557,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dampening", type=float, default=DEFAULT_DAMPENING, help="the damp-freeze row's dampening weight")
     parser.add_argument("--freeze-threshold", type=float, default=DEFAULT_FREEZE,
                         help="the damp-freeze row's freezing threshold (oscillation frequency, momentum 0.01)")
+    parser.add_argument("--lora-rank", type=int, default=DEFAULT_LORA_RANK, help="the qat-lora row's adapter rank")
+    parser.add_argument("--lora-lr", type=float, default=DEFAULT_LORA_LR, help="the qat-lora row's learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text", default="pydoc", help="training text: 'pydoc' (its calib split) or a .txt/.md/.jsonl file")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="tune checkpoints (default 50; quick 2)")
