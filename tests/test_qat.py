@@ -17,6 +17,7 @@ from weightwise.formats.registry import get_format
 from weightwise.io.models import load_model
 from weightwise.quantize.recipe import validated
 from weightwise.tune.api import tune
+from weightwise.tune.base import micro_loss
 from weightwise.tune.config import QATConfig, TuneConfig
 from weightwise.tune.fakequant import (
     dampening_loss,
@@ -27,7 +28,7 @@ from weightwise.tune.fakequant import (
     straight_through,
     track_oscillations,
 )
-from weightwise.tune.loop import micro_loss, train
+from weightwise.tune.loop import train
 from weightwise.tune.qat import FakeQuantLinear
 
 def qat(task, method: dict | None = None, **fields) -> TuneConfig:
@@ -59,10 +60,12 @@ def test_config_shape_shortcuts_and_ranges():
     assert flat.method.spec == QuantSpec(format="int2_asym", group_size=64)
     assert QATConfig().model_dump() == {"name": "qat", "format": "int4", "granularity": "group", "group_size": None,
                                         "init": "rtn", "learn_scales": True, "oscillation_momentum": 0.01,
-                                        "dampening": 0.0, "freeze_threshold": None}
+                                        "dampening": 0.0, "freeze_threshold": None, "distill_weight": 0.0,
+                                        "distill_temperature": 1.0}
     assert TuneConfig.model_validate(flat.model_dump()) == flat
     for bad in ({"oscillation_momentum": 0}, {"oscillation_momentum": 1.5}, {"dampening": -1}, {"freeze_threshold": 1},
-                {"freeze_threshold": 0}, {"granularity": "row"}, {"group_size": 0}, {"lr": 1}):
+                {"freeze_threshold": 0}, {"granularity": "row"}, {"group_size": 0}, {"lr": 1}, {"distill_weight": 1.5},
+                {"distill_weight": -0.1}, {"distill_temperature": 0}):
         with pytest.raises(ValueError):
             QATConfig(**bad)
     with pytest.raises(WeightwiseError, match="format is not a setting of method lift"):
@@ -302,6 +305,60 @@ def test_dampening_pulls_weights_to_their_bin_centres(toy_task):
     assert distances[10.0] < 0.8 * distances[0.0]
 
 
+def _kl_to_float(model, examples, temperature: float) -> float:
+    """Mean KL(float tiny model ‖ ``model``) at ``temperature`` over the examples' labelled positions, computed apart
+    from the method (a fresh float model as the teacher)."""
+    from weightwise.data.tasks import collate
+    from weightwise.tune.distill import distillation_loss
+
+    batch = collate(examples, 0)
+    with torch.no_grad():
+        teacher, student = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                            for m in (tiny_model(), model))
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    return distillation_loss(student, teacher, batch["labels"], temperature).item() / temperature**2 / tokens
+
+
+def test_distillation_alone_brings_the_student_to_the_float_teacher_which_stays_untouched(toy_task):
+    config = qat(toy_task, method={"format": "int2_asym", "distill_weight": 1.0, "distill_temperature": 2.0},
+                 max_steps=8, lr=3e-4)
+    model, method, examples = prepared(config)
+    float_model = tiny_model()
+    start = _kl_to_float(model, examples, 2.0)
+    records = []
+    train(model, method, examples, config, pad_token_id=0, on_step=records.append)
+    assert records[0]["qat_distill_kl"] == pytest.approx(start, rel=1e-4)  # the method's KL is the float model's
+    for r in records:  # weight 1: the loss is the distillation term alone, T² · KL
+        assert r["loss"] == pytest.approx(4.0 * r["qat_distill_kl"], rel=1e-4) and r["qat_task_loss"] > 0
+    after = _kl_to_float(model, examples, 2.0)
+    assert after < 0.5 * start and records[-1]["qat_distill_kl"] < 0.5 * start, (start, after)
+    for name, linear in method.teacher.items():  # the teacher: the original Linears, unchanged, out of the model
+        assert torch.equal(linear.weight, float_model.get_submodule(name).weight), name
+        assert model.get_submodule(name) is method.layers[name] and not linear.weight.requires_grad
+        assert not torch.equal(method.layers[name].weight, linear.weight)  # the latent weight trained apart
+
+
+def test_the_distillation_mix_weighs_task_loss_and_kl(toy_task):
+    from weightwise.data.tasks import collate
+    from weightwise.quantize import quantize
+
+    config = qat(toy_task, method={"distill_weight": 0.25, "distill_temperature": 3.0}, max_steps=1)
+    model, method, examples = prepared(config)
+    records = []
+    train(model, method, examples, config, pad_token_id=0, on_step=records.append)
+    rtn = quantize(tiny_model(), {"format": "int4", "group_size": 32})  # the student's start, exactly
+    batch = collate(examples, 0)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        task = micro_loss(rtn, batch).item() / tokens
+    kl = _kl_to_float(rtn, examples, 3.0)
+    assert records[0]["qat_task_loss"] == pytest.approx(task, rel=1e-4)
+    assert records[0]["qat_distill_kl"] == pytest.approx(kl, rel=1e-4)
+    assert records[0]["loss"] == pytest.approx(0.75 * task + 0.25 * 9.0 * kl, rel=1e-4)
+    _, plain, _ = prepared(qat(toy_task))  # without distill_weight: no teacher, the latent weights are not copies
+    assert plain.teacher == {} and "qat_distill_kl" not in plain.step_metrics()
+
+
 def test_group_size_that_does_not_divide_a_row_names_the_layer(toy_task):
     config = qat(toy_task, method={"group_size": 64})
     with pytest.raises(WeightwiseError, match="down_proj: group size 64 does not divide the row length 96"):
@@ -409,7 +466,7 @@ def test_an_interrupted_qat_run_resumes_to_the_same_result(toy_task, tmp_path):
     from test_tune import _Kill, _kill_at
 
     config = qat(toy_task, method={"format": "int2_asym", "oscillation_momentum": 0.5, "freeze_threshold": 0.3,
-                                   "dampening": 1.0},
+                                   "dampening": 1.0, "distill_weight": 0.5},
                  max_steps=6, checkpoint_every=2, batch_size=4, lr=1e-2)
     reference = tiny_model()
     tune(reference, tiny_tokenizer(), config, tmp_path / "a")
@@ -423,7 +480,7 @@ def test_an_interrupted_qat_run_resumes_to_the_same_result(toy_task, tmp_path):
         assert torch.equal(resumed.state_dict()[name], tensor), name
     assert_same_tensors(tmp_path / "a" / "model", tmp_path / "b" / "model")  # the same codes and scales
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
-    keys = ("step", "loss", "qat_oscillating", "qat_frozen", "qat_dampening")
+    keys = ("step", "loss", "qat_oscillating", "qat_frozen", "qat_dampening", "qat_distill_kl")
     assert [[r[k] for k in keys] for r in logs[0]] == [[r[k] for k in keys] for r in logs[1]]
     assert logs[0][-1]["qat_frozen"] > 0
 
@@ -448,12 +505,18 @@ def test_cli_qat_from_a_quantized_run_and_its_user_errors(capsys, monkeypatch, t
                            "-o", tmp_path / "report")
     assert code == 0, err
     code, _, err = run_cli(capsys, monkeypatch, *common, "--method", "qat", "--format", "ternary", "-g", "32",
-                           "-o", tmp_path / "ternary")
+                           "--distill-weight", "0.5", "--distill-temperature", "2", "-o", tmp_path / "ternary")
     assert code == 0, err
     manifest = json.loads((tmp_path / "ternary" / "model" / "manifest.json").read_text())
     assert {layer["spec"]["format"] for layer in manifest["layers"].values()} == {"ternary"}
+    saved = json.loads((tmp_path / "ternary" / "tune_config.json").read_text())["config"]["method"]
+    assert saved["distill_weight"] == 0.5 and saved["distill_temperature"] == 2.0
+    lines = [json.loads(line) for line in (tmp_path / "ternary" / "metrics.jsonl").read_text().splitlines()]
+    assert all("qat_distill_kl" in r and "qat_task_loss" in r for r in lines)
     for options, message in ((["--method", "qat", "--format", "nf4"], "not format 'nf4': use int2..int8"),
                              (["--method", "lift", "--format", "int4"], "format is not a setting of method lift"),
+                             (["--method", "lift", "--distill-weight", "0.5"], "distill_weight is not a setting of method lift"),
+                             (["--method", "qat", "-g", "32", "--distill-weight", "2"], "less than or equal to 1"),
                              (["--method", "qat", "--format", "int4"], "group size 64 does not divide the row length 96")):
         code, _, err = run_cli(capsys, monkeypatch, *common, *options, "-o", tmp_path / "bad")
         assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err

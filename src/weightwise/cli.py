@@ -300,6 +300,8 @@ def tune_cmd(
     format: Annotated[Optional[str], typer.Option("--format", "-f", help=_S("format"))] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help=_S("group_size"))] = None,
     init: Annotated[Optional[str], typer.Option("--init", help=_S("init"))] = None,
+    distill_weight: Annotated[Optional[float], typer.Option("--distill-weight", help=_S("distill_weight"))] = None,
+    distill_temperature: Annotated[Optional[float], typer.Option("--distill-temperature", help=_S("distill_temperature"))] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help=_T["checkpoint_every"].description)] = None,
     patch_dtype: Annotated[Optional[str], typer.Option("--patch-dtype", help=_T["patch_dtype"].description)] = None,
     retention_max_tokens: Annotated[Optional[int], typer.Option("--retention-max-tokens", help=_T["retention_max_tokens"].description)] = None,
@@ -331,6 +333,7 @@ def tune_cmd(
         max_length=max_length, seed=seed,
         train_examples=train_examples, test_examples=test_examples, test_task=test_task, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, format=format, group_size=group_size, init=init,
+        distill_weight=distill_weight, distill_temperature=distill_temperature,
         checkpoint_every=checkpoint_every, patch_dtype=patch_dtype,
         retention_max_tokens=retention_max_tokens, eval_before=eval_before))
     main_process = int(os.environ.get("RANK", "0")) == 0

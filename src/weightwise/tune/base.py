@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from weightwise.evaluate.perplexity import example_nll
 from weightwise.tune.comm import Comm
 from weightwise.tune.compander import CompandedWeights
 from weightwise.tune.config import TuneConfig
@@ -22,6 +23,12 @@ from weightwise.tune.steps import StepHooks, TorchOptimizerHooks
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of the labelled next-token predictions of one micro-batch (fp32)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return example_nll(logits, batch["labels"])[0].sum()
 
 
 class TuneMethod(StepHooks):
@@ -40,6 +47,11 @@ class TuneMethod(StepHooks):
     def prepare(self, model: nn.Module, targets: dict[str, nn.Linear], resume: dict | None = None) -> nn.Module:
         """Freeze ``model``, make the trained tensors trainable, build the optimizer (restored from ``resume``,
         a checkpoint of :meth:`state`); returns the module the loop runs."""
+
+    def micro_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of one micro-batch, which loop.py divides by the global batch's labelled tokens: its
+        cross-entropy (:func:`micro_loss`); qat can mix in distillation from the float model."""
+        return micro_loss(model, batch)
 
     def finish(self) -> None:
         """Training is over: leave the model's trained weights plain (the reparameterisation removed) for

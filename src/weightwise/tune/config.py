@@ -169,7 +169,8 @@ class QATConfig(QuantizerTrainingConfig):
     targeted Linears, trained through their fake-quantized weights; the result is a quantized run of ``spec``.
 
     Oscillations of weights between two grid points (Nagel et al. 2022, arXiv 2203.11086) are tracked, and can be
-    damped (a pull towards the bin centre) or frozen (fixed to their most frequent code).
+    damped (a pull towards the bin centre) or frozen (fixed to their most frequent code). The loss can mix in knowledge
+    distillation from the float model (``distill_weight``, ``distill_temperature``; tune/distill.py).
     """
 
     name: Literal["qat"] = "qat"
@@ -179,6 +180,12 @@ class QATConfig(QuantizerTrainingConfig):
                              "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
     freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
                                            "once its oscillation frequency exceeds this; null = never.")
+    distill_weight: float = Field(0.0, ge=0, le=1, description="Knowledge distillation from the float model: the loss is "
+                                  "(1 − w) × the task loss + w × T² × KL(teacher ‖ student) on the positions the task "
+                                  "loss scores, the teacher being the model before fake quantization (frozen, eval "
+                                  "mode, no gradients); 0 = off, 1 = distillation alone.")
+    distill_temperature: float = Field(1.0, gt=0, description="Temperature T dividing both models' logits in the "
+                                       "distillation loss (higher: softer distributions).")
 
 
 class QATLoraConfig(QuantizerTrainingConfig, LowRankConfig):
@@ -201,7 +208,7 @@ _BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
 SHORTCUTS = {"density": "density", "rank_budget": "rank_budget", "filter_rank": "filter_rank",
              "randomized_svd": "randomized_svd", "refresh_every": "refresh_every", "lora_rank": "rank",
              "lora_alpha": "alpha", "lora_dropout": "dropout", "format": "format", "group_size": "group_size",
-             "init": "init"}
+             "init": "init", "distill_weight": "distill_weight", "distill_temperature": "distill_temperature"}
 
 
 def shortcut_readers(shortcut: str) -> list[str]:

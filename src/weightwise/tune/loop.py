@@ -6,8 +6,9 @@ Data order: epoch e visits the examples in ``randperm(n, seed(e))`` order, cut i
 ``batch_size × grad_accum``; the last partial batch of an epoch is dropped. The position in the data is
 therefore a function of the step, which is all a checkpoint needs to resume.
 
-Loss: cross-entropy on the answer tokens only (labels -100 elsewhere), summed, divided by the number of
-answer tokens of the whole global batch. Every process knows that count, so after summing gradients
+Loss: the method's :meth:`~weightwise.tune.base.TuneMethod.micro_loss` (cross-entropy on the answer tokens only,
+labels -100 elsewhere; qat may mix in distillation), summed, divided by the number of answer tokens of the whole
+global batch. Every process knows that count, so after summing gradients
 over micro-batches and processes the result is the gradient of the global batch's mean loss, whether one
 process runs batches of b or two run b/2 each (process r takes rows [r·b/w, (r+1)·b/w) of each micro-batch).
 """
@@ -23,7 +24,6 @@ from torch import nn
 
 from weightwise.data.tasks import IGNORE_INDEX, collate
 from weightwise.errors import WeightwiseError
-from weightwise.evaluate.perplexity import example_nll
 from weightwise.tune.checkpoint import TuneCheckpoints, rng_state
 from weightwise.tune.comm import Comm
 from weightwise.tune.config import TuneConfig
@@ -83,12 +83,6 @@ def answer_token_count(example: dict) -> int:
     return int((example["labels"][1:] != IGNORE_INDEX).sum())
 
 
-def micro_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy of the labelled next-token predictions of one micro-batch (fp32)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return example_nll(logits, batch["labels"])[0].sum()
-
-
 def train(
     model: nn.Module,
     method: TuneMethod,
@@ -134,7 +128,7 @@ def train(
         """The micro-batch's summed answer-token loss over the answer tokens of the whole global batch."""
         shard, n_answer = micro
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in shard], pad_token_id).items()}
-        return micro_loss(model, batch) / n_answer
+        return method.micro_loss(model, batch) / n_answer
 
     def checkpoint(done: int) -> None:
         if checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \

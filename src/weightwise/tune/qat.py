@@ -6,6 +6,8 @@ The forward weight is exactly the weight the saved run dequantizes: the nearest 
 the scales as stored (rounded to their storage dtype), so a trained model and its saved run give the same logits
 bit for bit. After every optimizer step the codes are compared with the previous ones to track oscillations
 (frozen past ``freeze_threshold``); the step's record carries the fractions of oscillating and frozen weights.
+With ``distill_weight`` the loss mixes in distillation from the float model (the teacher: the targets' original
+Linears swapped back in for its forward), and the record carries the task loss and the KL apart.
 
 Memory: a layer's latent weight takes over its Linear's float32 weight (no copy); forward keeps only its input for
 backward, which recomputes the fake-quantized weight (fakequant.fake_quant_linear); the freezing state (moving
@@ -25,11 +27,13 @@ import torch
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.evaluate.perplexity import example_nll
 from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes
 from weightwise.formats.quantizer import encode_scale, float_scales, from_groups, group_layout, quantize_tensor, to_groups
 from weightwise.qlinear import QuantizedLinear
 from weightwise.tune.base import AdamWMethod, freeze
+from weightwise.tune.distill import distillation_loss
 from weightwise.tune.fakequant import (
     dampening_loss,
     fake_quant_linear,
@@ -141,9 +145,16 @@ class QATMethod(AdamWMethod):
         start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
         logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
         self.model = model
+        # distillation's teacher: the model before fake quantization, i.e. with the targets' own Linears, kept intact
+        self.teacher = dict(targets) if settings.distill_weight else {}
+        self.distilled = torch.zeros(3, dtype=torch.float64)  # this step's summed task loss, KL, scored tokens
         freezing = settings.freeze_threshold is not None
-        self.layers = {name: FakeQuantLinear(*start[name], linear.bias, spec, settings.learn_scales, freezing)
-                       for name, linear in targets.items()}
+        self.layers = {}
+        for name, linear in targets.items():
+            weight, scales, offsets = start[name]
+            if self.teacher:  # the latent weight must not take over the teacher's
+                weight = weight.detach().clone()
+            self.layers[name] = FakeQuantLinear(weight, scales, offsets, linear.bias, spec, settings.learn_scales, freezing)
         for name, layer in self.layers.items():
             model.set_submodule(name, layer)
         self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
@@ -194,9 +205,36 @@ class QATMethod(AdamWMethod):
             self.metrics["qat_dampening"] = total
         return super().gradients()
 
+    def micro_loss(self, model, batch):
+        """The task loss, or with ``distill_weight`` w its mix (1 − w) · task + w · T² · KL(teacher ‖ student)
+        (tune/distill.py), the teacher's logits coming from the same model with the targets' original Linears in
+        place, in eval mode and without gradients."""
+        if not self.teacher:
+            return super().micro_loss(model, batch)
+        settings = self.settings
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        training = model.training
+        with torch.no_grad(), installed(model, self.teacher):
+            model.eval()
+            try:
+                teacher = model(**inputs).logits
+            finally:
+                model.train(training)
+        logits = model(**inputs).logits
+        nll, scored = example_nll(logits, batch["labels"])
+        task = nll.sum()
+        distill = distillation_loss(logits, teacher, batch["labels"], settings.distill_temperature)
+        self.distilled += torch.stack([task.detach().double().cpu(), distill.detach().double().cpu()
+                                       / settings.distill_temperature**2, scored.sum().double().cpu()])
+        return (1 - settings.distill_weight) * task + settings.distill_weight * distill
+
     def step(self, lr):
         super().step(lr)
         settings = self.settings
+        if self.teacher:  # this process's micro-batches: mean task loss and KL (at temperature T) per scored token
+            task, kl, tokens = self.distilled.tolist()
+            self.metrics.update(qat_task_loss=task / max(tokens, 1), qat_distill_kl=kl / max(tokens, 1))
+            self.distilled.zero_()
         oscillated = frozen = 0
         with torch.no_grad():
             for name, layer in self.layers.items():
