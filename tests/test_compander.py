@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from conftest import tiny_model, tiny_tokenizer
 from test_cli import assert_user_error, run_cli
 from test_tune import _kill_at, _Kill, prepared, quick, weights
+from weightwise.errors import WeightwiseError
 from weightwise.tune.api import tune
 from weightwise.tune.compander import CompandedWeights, Compander, compand, expand, initial_bounds
 from weightwise.tune.config import CompanderConfig, TuneConfig
@@ -78,6 +79,14 @@ def test_parametrization_starts_exactly_at_w_and_leaves_a_plain_weight():
     assert type(linear) is nn.Linear and not hasattr(linear, "parametrizations")
     assert isinstance(linear.weight, nn.Parameter) and linear.weight is latent  # the optimizer's Parameter
     assert torch.equal(linear.weight.detach(), moved) and set(linear.state_dict()) == {"weight", "bias"}
+
+
+def test_a_non_finite_weight_is_refused():
+    linear = layer()
+    with torch.no_grad():
+        linear.weight[2, 3] = float("nan")
+    with pytest.raises(WeightwiseError, match="not finite"):
+        CompandedWeights({"l": linear}, CompanderConfig())
 
 
 def test_learned_hyperparameters_are_named_per_target():

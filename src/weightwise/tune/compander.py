@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightwise.errors import WeightwiseError
 from weightwise.tune.config import CompanderConfig
 
 
@@ -71,7 +72,8 @@ class Compander(nn.Module):
         """The latent V = f⁻¹(W); sets the residual so that ``forward(V)`` is exactly ``weight``."""
         alpha, bound = self.log_alpha.exp(), self.log_bound.exp()
         if not bool((weight.abs() < bound).all()):
-            raise ValueError("a weight lies outside the compander's bound; raise the margin")
+            raise WeightwiseError("compander: a weight is not finite or lies outside its row's bound; check the model's "
+                                  "weights, or raise the margin")
         latent = expand(weight, alpha, bound)
         self.residual = weight - compand(latent, alpha, bound)
         return latent
