@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -12,9 +14,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_model
 from weightwise.errors import WeightwiseError
 from weightwise.io import (
     atomic_output_dir,
@@ -25,11 +30,15 @@ from weightwise.io import (
     load_model,
     load_tokenizer,
     model_source_info,
+    output_lock,
     read_manifest,
     state_dict_fingerprint,
     write_json_atomic,
     write_manifest,
 )
+from weightwise.io.artifacts import canonical_safetensors
+from weightwise.io.folders import save
+from weightwise.tune.patch import WeightPatch
 
 TINY = dict(
     vocab_size=128,
@@ -148,6 +157,50 @@ def test_atomic_dir_success_replaces_previous(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_safetensors_files_are_the_same_bytes_every_time(tmp_path):
+    """safetensors writes its metadata map in a random order; weightwise's files sort it, so a rerun's are identical."""
+    tensors = {"b": torch.ones(3), "a": torch.arange(4)}
+    metadata = {f"key {i}": f"value \"{i}\"\n é" for i in range(12)}
+    saved = {canonical_safetensors(safetensors.torch.save(tensors, metadata=metadata)) for _ in range(8)}
+    assert len(saved) == 1
+    (tmp_path / "t.safetensors").write_bytes(saved.pop())
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("a"), tensors["a"])
+
+    model = tiny_model()  # tied embeddings: save_model adds a second metadata key
+    for i in range(4):
+        save(model, tmp_path / f"m{i}")
+    assert len({(tmp_path / f"m{i}" / "model.safetensors").read_bytes() for i in range(4)}) == 1
+    tuned = {name: t + 1e-3 for name, t in model.state_dict().items() if name.endswith("proj.weight")}
+    patch = WeightPatch.from_models({name: model.state_dict()[name] for name in tuned}, tuned, {"base_model_hash": "x"})
+    assert len({patch.to_bytes("fp32") for _ in range(4)}) == 1
+
+
+def test_temporaries_of_killed_writers_are_removed_when_the_output_is_next_written(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, out = gone.pid, tmp_path / "out"
+    (tmp_path / f".out.tmp-{dead}").mkdir()
+    (tmp_path / f".out.tmp-{dead}" / "half").write_text("half")
+    (tmp_path / f".out.old-{dead}").mkdir()  # killed between moving the old output aside and renaming the new one
+    (tmp_path / f".out.old-{dead}" / "marker").write_text("old")
+    alive = tmp_path / f".out.tmp-{os.getppid()}"  # a live process's: not ours to delete
+    alive.mkdir()
+    (tmp_path / f".m.gguf.tmp-{dead}").write_bytes(b"GGUF, cut short")
+    with output_lock(out):
+        pass
+    assert (out / "marker").read_text() == "old"  # the moved-aside output is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".m.gguf.tmp-{dead}", alive.name, "out"])
+    with output_lock(tmp_path / "m.gguf"):
+        pass
+    assert not (tmp_path / f".m.gguf.tmp-{dead}").exists()
+    (tmp_path / f".out.old-{dead}").mkdir()  # with the output in place, a moved-aside one is only deleted
+    with atomic_output_dir(out) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new"] and not (tmp_path / f".out.old-{dead}").exists()
+    assert alive.is_dir()
 
 
 def test_manifest_roundtrip_and_errors(tmp_path):

@@ -4,6 +4,7 @@ hashes and the cache folder."""
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ def output_lock(path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]
     key = (os.getpid(), lock)  # keyed by pid too: a forked child does not inherit the parent's lock
     if key not in _HELD_LOCKS:
         _acquire_lock(lock, Path(path), wait)
+        _clear_dead_writers_files(Path(os.path.abspath(path)))
     _HELD_LOCKS[key] = _HELD_LOCKS.get(key, 0) + 1
     try:
         yield lock
@@ -133,6 +135,33 @@ def _acquire_lock(lock: Path, target: Path, wait: float) -> None:
         return
 
 
+def _clear_dead_writers_files(target: Path) -> None:
+    """Delete the temporaries (``.NAME.tmp-PID``, ``.NAME.old-PID``) that writers of ``target`` killed before their
+    cleanup left beside it; an old ``target`` moved aside by a writer killed while swapping is put back first.
+    Called with ``target``'s lock held, so that no live writer of ``target`` owns them."""
+    for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}.*-*")):
+        kind, _, pid = leftover.name.removeprefix(f".{target.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
+            continue
+        if kind == "old" and not target.exists():
+            os.replace(leftover, target)
+            logger.warning("restored %s, which a killed writer had moved aside", target)
+        elif leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def _lock_is_stale(lock: Path, text: str) -> bool:
     """Whether the process that wrote the lock ``text`` is gone (a lock of another host is never stale)."""
     fields = text.split()
@@ -146,13 +175,7 @@ def _lock_is_stale(lock: Path, text: str) -> bool:
         return False
     if pid == os.getpid():  # not held by this process (output_lock checked): left by an earlier one with our pid
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not _process_alive(pid)
 
 
 @contextmanager
@@ -220,6 +243,36 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             raise output_error(target, err) from err
         raise
     return target
+
+
+def _sorted_safetensors_header(header: bytes) -> bytes:
+    """A safetensors header (the JSON after the 8-byte length) with its ``__metadata__`` keys sorted, padded with
+    spaces to its old length. safetensors writes that map in a random order (its issue #584), so two saves of the
+    same tensors and metadata would differ in their bytes."""
+    parsed = json.loads(header)
+    if len(parsed.get("__metadata__") or {}) < 2:
+        return header
+    parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > len(header):
+        raise ValueError("the safetensors header grew when its metadata keys were sorted")
+    return text + b" " * (len(header) - len(text))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The bytes of a safetensors file with its metadata in sorted order: the same tensors and metadata always give
+    the same bytes."""
+    n = int.from_bytes(data[:8], "little")
+    return data[:8] + _sorted_safetensors_header(data[8 : 8 + n]) + data[8 + n :]
+
+
+def canonicalize_safetensors_file(path: str | os.PathLike) -> None:
+    """Sort the metadata of the safetensors file ``path`` in place (see :func:`canonical_safetensors`)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = _sorted_safetensors_header(f.read(n))
+        f.seek(8)
+        f.write(header)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

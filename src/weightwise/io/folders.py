@@ -23,6 +23,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     QUANTIZED_MODEL_KIND,
     atomic_output_dir,
+    canonicalize_safetensors_file,
     check_run_folder,
     read_manifest,
     write_bytes_atomic,
@@ -48,6 +49,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, kind: str
     record = quantization_record(model)
     with atomic_output_dir(path) as tmp:
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        canonicalize_safetensors_file(tmp / WEIGHTS_FILE)  # tied weights add a metadata key: sorted, same bytes each run
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # a GGUF-loaded model's; what is written here is weightwise's own
         config["architectures"] = [type(model).__name__]  # tells a base model (BertModel) from an LM when loading

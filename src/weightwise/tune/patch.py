@@ -39,6 +39,7 @@ from torch import nn
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
+    canonical_safetensors,
     check_run_folder,
     file_sha256,
     output_lock,
@@ -92,7 +93,7 @@ class PatchUndo:
 
     def to_bytes(self) -> bytes:
         meta = {"scale": repr(self.scale), "patch_fingerprint": self.patch_fingerprint, "model_fingerprint": self.model_fingerprint}
-        return safetensors.torch.save({k: v.contiguous() for k, v in self.originals.items()}, metadata=meta)
+        return canonical_safetensors(safetensors.torch.save({k: v.contiguous() for k, v in self.originals.items()}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PatchUndo:
@@ -195,7 +196,7 @@ class WeightPatch:
         header = {"format_version": FORMAT_VERSION, "value_dtype": value_dtype, "payload_sha256": state_dict_fingerprint(tensors),
                   "tensors": described}
         metadata = {_HEADER_KEY: json.dumps(header), _METADATA_KEY: json.dumps(self.metadata, default=os.fspath)}
-        return safetensors.torch.save(tensors, metadata=metadata)
+        return canonical_safetensors(safetensors.torch.save(tensors, metadata=metadata))
 
     def save(self, path: str | os.PathLike, value_dtype: str = "fp16") -> Path:
         """Write the patch to ``path`` atomically (fp16, bf16, fp32 or int8 values); returns the path."""
