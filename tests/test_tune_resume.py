@@ -1,5 +1,6 @@
 """A `weightwise tune` process killed (SIGKILL) after its first checkpoint; the same command run again resumes
-and ends with exactly the result of an uninterrupted run (a LIFT patch; a qat quantized run)."""
+and ends with exactly the result of an uninterrupted run (a LIFT patch; a qat quantized run). A resumed run reports
+the run's first loss; a run killed just before its manifest leaves no checkpoints behind."""
 
 import json
 import signal
@@ -7,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
+from conftest import tiny_model, tiny_tokenizer
 from test_qat import assert_same_tensors
-from test_tune import run_cli, toy_lift_command
+from test_tune import quick, run_cli, toy_lift_command
+from weightwise.tune.api import tune
 from weightwise.tune.patch import WeightPatch
 
 
@@ -72,3 +76,49 @@ def test_killed_qat_run_resumes_to_the_uninterrupted_quantized_run(capsys, monke
     assert [[r[k] for k in keys] for r in logs[0]] == [[r[k] for k in keys] for r in logs[1]]
     assert_same_tensors(killed / "model", reference / "model")
     assert not (killed / "checkpoints").exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture
+def task(tmp_path):
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "response": str(2 * a)}) + "\n" for a in range(11, 19)))
+    return str(path)
+
+
+def test_a_resumed_run_reports_the_runs_first_loss(task, tmp_path):
+    config = quick(task, max_steps=6, checkpoint_every=2, batch_size=4)
+    expected = tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "a")
+
+    def kill_at_checkpoint(phase, done, total, info):
+        if info.get("event") == "checkpoint":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b", progress=kill_at_checkpoint)
+    metrics = tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b")
+    assert metrics["resumed_from_step"] == 2 and metrics["train"]["steps_run"] == 4
+    assert metrics["train"]["loss_first"] == expected["train"]["loss_first"]
+    assert metrics["train"]["loss_last"] == expected["train"]["loss_last"]
+    # the patch carries the headline metrics too: the same bytes
+    assert (tmp_path / "b" / "patch.safetensors").read_bytes() == (tmp_path / "a" / "patch.safetensors").read_bytes()
+
+
+def test_a_run_killed_before_its_manifest_keeps_no_checkpoints(task, tmp_path, monkeypatch):
+    config = quick(task, max_steps=4, checkpoint_every=2, batch_size=4)
+    tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "a")
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr("weightwise.tune.api.write_manifest", killed)
+        with pytest.raises(_Killed):
+            tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b")
+    assert not (tmp_path / "b" / "checkpoints").exists() and not (tmp_path / "b" / "manifest.json").exists()
+    tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b")  # runs again from the start
+    assert (tmp_path / "b" / "patch.safetensors").read_bytes() == (tmp_path / "a" / "patch.safetensors").read_bytes()
+    assert not (tmp_path / "b" / "checkpoints").exists()

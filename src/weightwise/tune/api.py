@@ -136,7 +136,8 @@ def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: 
                 report("train", record["step"], record["total"], record)
 
             summary = train(trained_model, method, encoded, config, pad_token_id=pad_id(tokenizer),
-                            start_step=resume["step"] if resume else 0, comm=comm, checkpoints=checkpoints,
+                            start_step=resume["step"] if resume else 0,
+                            first_loss=resume["state"].get("loss_first") if resume else None, comm=comm, checkpoints=checkpoints,
                             checkpoint_info={"config": config.model_dump(), "before": before}, on_step=on_step,
                             on_checkpoint=lambda step, path: report("train", step, schedule.total_steps,
                                                                     {"event": "checkpoint", "step": step, "path": path}))
@@ -163,10 +164,10 @@ def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: 
         files = method.save_result(out, metadata, config.patch_dtype, tokenizer)
         metrics["files"] = files
         write_json_atomic(out / METRICS_FILE, metrics)
+        if not config.keep_checkpoints:  # before the manifest: a run killed in between starts again, and a finished
+            checkpoints.clear()          # run never keeps checkpoints it was not asked to keep
         write_manifest(out, TUNE_RUN_KIND, name=out.name, config=config.model_dump(), base_model_hash=base_hash,
                        source=source, files=files, metrics=_headline(metrics))
-        if not config.keep_checkpoints:
-            checkpoints.clear()
     comm.barrier()
     return metrics
 

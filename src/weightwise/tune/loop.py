@@ -91,6 +91,7 @@ def train(
     *,
     pad_token_id: int,
     start_step: int = 0,
+    first_loss: float | None = None,
     comm: Comm | None = None,
     checkpoints: TuneCheckpoints | None = None,
     checkpoint_info: dict | None = None,
@@ -98,6 +99,9 @@ def train(
     on_checkpoint: Callable[[int, str], None] | None = None,
 ) -> dict:
     """Run optimizer steps ``start_step`` .. end on ``model`` (prepared by ``method``); returns a summary.
+
+    ``first_loss``: a resumed run's step-1 loss (its checkpoint's ``loss_first``), so that the summary's
+    ``loss_first`` is the run's, not this process's first step's; each checkpoint stores it.
 
     ``on_step(record)`` receives each step's metrics (step, total, loss, lr, grad_norm, data position, tokens,
     tokens_per_second, step_seconds, peak_rss_mb, and the refresh counts when the masks moved);
@@ -130,11 +134,20 @@ def train(
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in shard], pad_token_id).items()}
         return method.micro_loss(model, batch) / n_answer
 
+    run_first_loss = first_loss
+
+    def record(step: dict) -> None:
+        nonlocal run_first_loss
+        if run_first_loss is None:
+            run_first_loss = step["loss"]
+        if on_step is not None:
+            on_step(step)
+
     def checkpoint(done: int) -> None:
         if checkpoints is not None and config.checkpoint_every and done % config.checkpoint_every == 0 \
                 and done < schedule.total_steps:
             if comm.is_main:
-                info = {**(checkpoint_info or {}), "data_position": schedule.position(done)}
+                info = {**(checkpoint_info or {}), "data_position": schedule.position(done), "loss_first": run_first_loss}
                 path = checkpoints.save(done, method.state(), rng_state(device), info)
                 if on_checkpoint is not None:
                     on_checkpoint(done, str(path))
@@ -145,10 +158,11 @@ def train(
     try:
         summary = run_steps(method, steps(), loss, total=schedule.total_steps,
                             learning_rate=lambda step: learning_rate(step, config), max_grad_norm=config.max_grad_norm,
-                            comm=comm, on_step=on_step, after_step=checkpoint)
+                            comm=comm, on_step=record, after_step=checkpoint)
     finally:
         model.train(was_training)
     if not comm.identical(list(method.state()["tensors"].values())):
         raise RuntimeError("the processes ended with different trained weights, masks or optimizer states")
     return {"steps": schedule.total_steps, "steps_run": summary.pop("steps_run"), "start_step": start_step,
-            "steps_per_epoch": schedule.steps_per_epoch, "global_batch": schedule.global_batch, **summary}
+            "steps_per_epoch": schedule.steps_per_epoch, "global_batch": schedule.global_batch, **summary,
+            "loss_first": run_first_loss}
