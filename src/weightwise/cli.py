@@ -275,6 +275,7 @@ def tune_cmd(
     model: ModelArg = "default",
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (patch.safetensors, adapter/ or model/ (qat, qat-lora: a quantized run), metrics, manifest.json, checkpoints while running).")] = ...,
     task: Annotated[Optional[str], typer.Option("--task", help=_T["task"].description)] = None,
+    sample_temperature: Annotated[Optional[float], typer.Option("--sample-temperature", help=_T["sample_temperature"].description)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=_T["method"].description)] = None,
     density: Annotated[Optional[float], typer.Option("--density", help=_S("density"))] = None,
     rank_budget: Annotated[Optional[int], typer.Option("--rank-budget", help=_S("rank_budget"))] = None,
@@ -327,7 +328,7 @@ def tune_cmd(
     from weightwise.tune.api import tune
 
     cfg = _build(TuneConfig, config, _given(
-        task=task, method=method, density=density, rank_budget=rank_budget, filter_rank=filter_rank,
+        task=task, sample_temperature=sample_temperature, method=method, density=density, rank_budget=rank_budget, filter_rank=filter_rank,
         randomized_svd=randomized_svd, refresh_every=refresh_every, targets=targets, reparam=reparam, lr=lr,
         warmup_steps=warmup_steps, max_steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         max_length=max_length, seed=seed,

@@ -4,6 +4,8 @@ evaluate before and after, write the result (sparse patch or peft adapter), metr
 Output folder ``OUT``:
 
 - ``tune_config.json`` (the hyperparameters and base model hash, written first);
+- task ``sampled``: ``sampled.jsonl`` (the texts sampled from the model, read back as a text task) and
+  ``sampled.json`` (the settings they were sampled with), reused by a rerun under the same settings;
 - ``metrics.jsonl`` (one line per optimizer step) and ``tensorboard/`` when TensorBoard is installed;
 - ``checkpoints/step-N/`` while the run goes on (deleted at the end unless ``keep_checkpoints``);
 - at the end ``patch.safetensors`` (sparse and full methods), ``adapter/`` (peft) or ``model/`` (qat: a quantized
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from weightwise.architectures import family_of, matches
+from weightwise.data.sampled import SAMPLED_TASK, sample_texts
 from weightwise.data.tasks import encode_examples, pad_id, task_examples
 from weightwise.errors import WeightwiseError
 from weightwise.io.artifacts import (
@@ -36,6 +39,7 @@ from weightwise.io.artifacts import (
     state_dict_fingerprint,
     write_json_atomic,
     write_manifest,
+    write_text_atomic,
 )
 from weightwise.tune.checkpoint import TuneCheckpoints, set_rng_state
 from weightwise.tune.comm import Comm
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "tune_config.json"
 METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
+SAMPLED_FILE, SAMPLED_SETTINGS = "sampled.jsonl", "sampled.json"
 
 Progress = Callable[[str, int, int, dict], None]  # (phase, done, total, info)
 
@@ -103,8 +108,8 @@ def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: 
     report = progress if (progress is not None and comm.is_main) else (lambda *args: None)
     targets = target_modules(model, config)
     train_examples, test_examples = _examples(config)
-    encoded = encode_examples(train_examples, tokenizer, config.max_length)
-    schedule = Schedule.of(len(encoded), config)
+    encoded = None if train_examples is None else encode_examples(train_examples, tokenizer, config.max_length)
+    schedule = Schedule.of(config.train_examples if encoded is None else len(encoded), config)  # sampled: never dropped
     base_hash = state_dict_fingerprint(model)
     key = {"config": config.training_key(), "base_model_hash": base_hash}
     checkpoints = TuneCheckpoints(out, key)
@@ -113,6 +118,9 @@ def _tune(model: nn.Module, tokenizer, config: TuneConfig, out: Path, progress: 
         write_json_atomic(out / CONFIG_FILE, {"config": config.model_dump(), "base_model_hash": base_hash, "source": source})
         _truncate_log(out / METRICS_LOG, resume["step"] if resume else 0)
     comm.barrier()
+    if encoded is None:
+        encoded = encode_examples(_sampled_examples(model, tokenizer, config, out, base_hash, comm), tokenizer,
+                                  config.max_length)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
@@ -250,10 +258,33 @@ class _StepLog:
 
 
 def _examples(config: TuneConfig):
-    train_examples = task_examples(config.task, "train", config.train_examples, seed=None)
+    """(training examples, held-out examples) of the task; the training ones are None for task 'sampled', which
+    needs the model and the run folder (:func:`_sampled_examples`)."""
+    sampled = config.task == SAMPLED_TASK
+    train_examples = None if sampled else task_examples(config.task, "train", config.train_examples, seed=None)
     test_task = config.test_task or (config.task if config.task == "arithmetic" else None)
     test_examples = task_examples(test_task, "test", config.test_examples) if test_task and config.test_examples else []
     return train_examples, test_examples
+
+
+def _sampled_examples(model: nn.Module, tokenizer, config: TuneConfig, out: Path, base_hash: str, comm: Comm) -> list:
+    """Task 'sampled': ``train_examples`` texts of ``max_length`` tokens (one left for the end-of-sequence token)
+    sampled from the model before tuning (data.sampled, seeded by ``seed``), written by process 0 to
+    ``OUT/sampled.jsonl`` unless that file was sampled under the same settings from the same model, then read back
+    as a text task: a resumed run trains on the very text the first one sampled."""
+    settings = {"base_model_hash": base_hash, "texts": config.train_examples, "tokens": config.max_length - 1,
+                "temperature": config.sample_temperature, "seed": config.seed, "batch_size": config.batch_size}
+    path, saved = out / SAMPLED_FILE, out / SAMPLED_SETTINGS
+    if comm.is_main and not (path.is_file() and saved.is_file() and json.loads(saved.read_text()) == settings):
+        logger.info("sampling %d texts of %d tokens from the model (temperature %g)", settings["texts"],
+                    settings["tokens"], settings["temperature"])
+        texts = sample_texts(model, tokenizer, settings["texts"], settings["tokens"], temperature=settings["temperature"],
+                             batch_size=config.batch_size, seed=config.seed)
+        saved.unlink(missing_ok=True)  # the settings last: a run killed in between samples again
+        write_text_atomic(path, "".join(json.dumps({"text": text}) + "\n" for text in texts))
+        write_json_atomic(saved, settings)
+    comm.barrier()
+    return task_examples(str(path), "train", config.train_examples)
 
 
 def _evaluate(model: nn.Module, tokenizer, examples, config: TuneConfig, comm: Comm) -> dict | None:

@@ -303,8 +303,13 @@ class TuneConfig(BaseModel):
     reparam: CompanderConfig | None = Field(
         None, description="Train the targeted weights through a reparameterisation: 'compander' (bounded, zero-expanding "
         "W = f(V); or a mapping with name and settings) for methods full, lift, magnitude and random; null = none.")
-    task: str = Field("arithmetic", description="'arithmetic' (DeepMind mathematics_dataset problems) or a .jsonl file "
-                      "of {prompt, response} / {messages} records.")
+    task: str = Field("arithmetic", description="'arithmetic' (DeepMind mathematics_dataset problems), 'sampled' "
+                      "(data-free, as LLM-QAT: train_examples texts of max_length tokens sampled from the model itself "
+                      "before tuning, each from a uniformly drawn first token, seeded by seed, at sample_temperature; "
+                      "kept in OUT/sampled.jsonl for reruns) or a .jsonl file of {prompt, response} / {messages} / "
+                      "{text} records.")
+    sample_temperature: float = Field(1.0, gt=0, description="Task 'sampled': temperature of the sampling (softmax of "
+                                      "the logits / T; lower is more conservative text).")
     train_examples: int = Field(2000, ge=1, description="Training examples drawn from the task.")
     test_examples: int = Field(200, ge=0, description="Held-out problems scored by exact match before and after (0 = skip).")
     test_task: str | None = Field(None, description="Held-out problems: default the test split of 'arithmetic'; for a "
