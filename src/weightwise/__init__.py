@@ -19,6 +19,7 @@ _API = {
     "get_format": "weightwise.formats.registry",
     "load_model": "weightwise.io.models",
     "quantize": "weightwise.quantize.api",
+    "quantize_streamed": "weightwise.quantize.api",
     "QuantizationRecord": "weightwise.records",
     "quantization_record": "weightwise.records",
     "save": "weightwise.io.folders",

@@ -64,12 +64,15 @@ def _progress(description: str):
         yield update
 
 
-def _load(source: str, allow_pickle: bool = False, trust_remote_code: bool = False):
+def _load(source: str, allow_pickle: bool = False, trust_remote_code: bool = False, dtype="float32"):
+    import torch
+
     from weightwise.io.models import load_model
 
     started = time.perf_counter()
     with console.status(f"loading {source}"):
-        model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                      dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     console.print(f"loaded [bold]{source}[/] in {time.perf_counter() - started:.1f} s")
     return model, tokenizer
 
@@ -122,6 +125,10 @@ def quantize_cmd(
     block_tune: Annotated[bool, typer.Option("--block-tune", help=_R["block_tune"].description + " Tune it in a YAML recipe (block_tune: {epochs, lr, tune_norms}).")] = False,
     device: Annotated[str, typer.Option("--device", help="Where the work runs: auto (a GPU when there is one), cpu or cuda. "
                                         "The model stays in CPU memory; one decoder block at a time goes to the GPU.")] = "auto",
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the model block by block from its "
+                      "safetensors files (memory: about one decoder block; the output is sharded, one shard per block) or "
+                      "load it whole. Default: stream when the model is a Hugging Face folder, hub id or .gguf file and the "
+                      "recipe allows it (no size target, no 'self' calibration, no --trust-remote-code); same result either way.")] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -129,12 +136,14 @@ def quantize_cmd(
     """Quantize MODEL's linear layers by a recipe and save the result as a run folder.
 
     Calibrated methods (gptq, awq, fpsearch) checkpoint every finished decoder block next to the output folder:
-    rerunning the same command after a kill resumes at the next unfinished block.
+    rerunning the same command after a kill resumes at the next unfinished block (a streamed run: every method).
     """
+    from weightwise.evaluate.size import model_size
     from weightwise.io.artifacts import output_lock
     from weightwise.io.folders import save
+    from weightwise.io.lazy import NotStreamable
     from weightwise.io.models import model_source_info
-    from weightwise.quantize.api import quantize
+    from weightwise.quantize.api import quantize, quantize_streamed
     from weightwise.records import quantization_record
 
     if search_fp and method not in (None, "fpsearch"):
@@ -153,14 +162,24 @@ def quantize_cmd(
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     work_device = _work_device(device)
     with output_lock(output):  # from the first block checkpoint to the saved folder: a second run into it is refused
-        model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code)
-        checkpoint = output.parent / f".{output.name}.partial"
-        with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
-            qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update, device=work_device)
-        from weightwise.evaluate.size import model_size
-
+        checkpoint, source = output.parent / f".{output.name}.partial", model_source_info(model)
+        qmodel = None
+        if stream or (stream is None and not trust_remote_code):
+            try:
+                with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) block by block on {work_device}") as update:
+                    qmodel = quantize_streamed(model, recipe, output, checkpoint_dir=checkpoint, progress=update,
+                                               device=work_device, source=source)
+            except NotStreamable as why:
+                if stream:
+                    raise
+                logger.info("loading the whole model: %s", why)
+        if qmodel is None:
+            model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code, dtype="auto")
+            with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+                qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update,
+                                  device=work_device, inplace=True)
+            save(qmodel, output, tokenizer=tokenizer, source=source, metrics={"size": model_size(qmodel)})
         size = model_size(qmodel)
-        save(qmodel, output, tokenizer=tokenizer, source=model_source_info(model), metrics={"size": size})
     info = quantization_record(qmodel).summary()
     summary = Table(show_header=False, title=f"{output}")
     summary.add_row("layers quantized", str(info["layers"]))

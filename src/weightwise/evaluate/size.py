@@ -49,11 +49,14 @@ def _is_quantized(module: nn.Module) -> bool:
 def _stored_bytes(model: nn.Module) -> int:
     storages: dict[int, int] = {}
     total = 0
+    meta_seen: set[int] = set()  # meta tensors have no storage: a tied one is the same object under two names
     for tensor in model.state_dict(keep_vars=True).values():
         if not isinstance(tensor, torch.Tensor):
             continue
         if tensor.is_meta:
-            total += tensor.numel() * tensor.element_size()
+            if id(tensor) not in meta_seen:
+                meta_seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
             continue
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())

@@ -363,18 +363,26 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """Hex SHA-256 over sorted names, dtypes, shapes and bytes; tensors shared by several names count once."""
+def state_dict_fingerprint(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor], *,
+                           ties: Mapping[str, str] | None = None) -> str:
+    """Hex SHA-256 over sorted names, dtypes, shapes and bytes; tensors shared by several names count once.
+
+    Shared tensors are found by their storage, or with ``ties`` (name → the first name in sorted order of the
+    tensor it shares) from that map: for a state dict whose tensors are read one at a time, whose addresses repeat.
+    """
     state = (
         model_or_state_dict.state_dict()
         if isinstance(model_or_state_dict, torch.nn.Module)
         else model_or_state_dict
     )
     h = hashlib.sha256()
-    first_name: dict[tuple, str] = {}
+    first_name: dict[object, str] = {}
     for name in sorted(state):
         t = state[name].detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ties is not None:
+            key: object = ties.get(name, name)
+        else:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if key in first_name:
             h.update(f"same as {first_name[key]}\n".encode())

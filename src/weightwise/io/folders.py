@@ -2,7 +2,11 @@
 
 A quantized model's safetensors hold the packed codes, scales and offsets of each QuantizedLinear and its
 manifest the :class:`~weightwise.records.QuantizationRecord`, so loading rebuilds the same modules and the
-round trip is exact. Quantized runs, merged patches and dense exports all go through :func:`save`.
+round trip is exact. Quantized runs, merged patches and dense exports all go through :func:`save`; a run
+quantized block by block goes through :func:`save_streamed`, which writes the same tensors as shards
+(``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, as Hugging Face shards). Loading
+reads either, one tensor at a time into a model built on the meta device, so it never holds a float copy
+of the quantized layers.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,14 @@ from weightwise.io.artifacts import (
     write_bytes_atomic,
     write_manifest,
 )
+from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, missing_names, source_name, tied_names
 from weightwise.qlinear import QuantizedLinear
 from weightwise.records import QuantizationRecord, attach_record, quantization_record
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+SHARD_BYTES = 512 * 2**20  # most bytes of float tensors in one shard written by save_streamed (a larger tensor: alone)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, kind: str | None = None,
@@ -50,20 +57,90 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, kind: str
     with atomic_output_dir(path) as tmp:
         safetensors.torch.save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         canonicalize_safetensors_file(tmp / WEIGHTS_FILE)  # tied weights add a metadata key: sorted, same bytes each run
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)  # a GGUF-loaded model's; what is written here is weightwise's own
-        config["architectures"] = [type(model).__name__]  # tells a base model (BertModel) from an LM when loading
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, data in (files or {}).items():
-            write_bytes_atomic(tmp / name, data)
-        fields = {"name": path.name, **manifest}
-        if record is not None:
-            fields.update(record.model_dump(mode="json"))
-        write_manifest(tmp, kind or (QUANTIZED_MODEL_KIND if record is not None else "model"), **fields)
+        _write_beside_weights(tmp, path, model, tokenizer, kind, files, manifest)
     logger.info("saved %s", path)
     return path
+
+
+def save_streamed(model: nn.Module, path: str | os.PathLike, *, block_files: list[Path], weights: LazyWeights,
+                  tokenizer=None, **manifest: Any) -> Path:
+    """Write the run folder of a model quantized block by block, atomically; returns the path.
+
+    ``model`` is the quantized model on the meta device (its structure, dtypes and record); ``block_files`` hold
+    every tensor of each decoder block (linked into the folder, or copied across file systems); the tensors outside
+    them (embeddings, final norm, LM head) are read one at a time from the source checkpoint ``weights`` in the
+    dtype ``model`` gives them. The tensors, their names and dtypes are those :func:`save` writes for the same
+    model in memory; they are stored as shards of at most ``SHARD_BYTES`` of float tensors (one per block).
+    """
+    path = Path(path)
+    ties = tied_names(model)
+    entries = model.state_dict(keep_vars=True)
+    in_blocks = {name for file in block_files for name in _tensor_names(file)}
+    rest = [name for name in entries if name not in in_blocks and name not in ties]  # a tied copy is stored once
+    groups: list[list[str]] = []
+    size = SHARD_BYTES
+    for name in rest:
+        nbytes = entries[name].numel() * entries[name].element_size()
+        if size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    count = len(groups) + len(block_files)
+    shard_names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    dropped = {alias: first for alias, first in ties.items() if alias in entries}
+    weight_map: dict[str, str] = {}
+    with atomic_output_dir(path) as tmp:
+        for group, shard in zip(groups, shard_names):
+            tensors = {}
+            for name in group:
+                value = weights.read(source_name(name, weights, ties))
+                tensors[name] = value.to(entries[name].dtype) if value.is_floating_point() else value
+            metadata = {"format": "pt", **{alias: first for alias, first in dropped.items() if first in tensors}}
+            safetensors.torch.save_file(tensors, str(tmp / shard), metadata=metadata)
+            canonicalize_safetensors_file(tmp / shard)
+            weight_map.update(dict.fromkeys(tensors, shard))
+            del tensors
+        for file, shard in zip(block_files, shard_names[len(groups):]):
+            _link_or_copy(file, tmp / shard)
+            weight_map.update(dict.fromkeys(_tensor_names(file), shard))
+        total = sum(entries[name].numel() * entries[name].element_size() for name in weight_map if name in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_beside_weights(tmp, path, model, tokenizer, None, None, manifest)
+    logger.info("saved %s (%d shards)", path, count)
+    return path
+
+
+def _write_beside_weights(tmp: Path, path: Path, model: nn.Module, tokenizer, kind: str | None,
+                          files: dict[str, bytes] | None, manifest: dict) -> None:
+    """config.json, the tokenizer, extra ``files`` and manifest.json (with the model's record) of the folder ``path``."""
+    record = quantization_record(model)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF-loaded model's; what is written here is weightwise's own
+    config["architectures"] = [type(model).__name__]  # tells a base model (BertModel) from an LM when loading
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name, data in (files or {}).items():
+        write_bytes_atomic(tmp / name, data)
+    fields = {"name": path.name, **manifest}
+    if record is not None:
+        fields.update(record.model_dump(mode="json"))
+    write_manifest(tmp, kind or (QUANTIZED_MODEL_KIND if record is not None else "model"), **fields)
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with safetensors.safe_open(file, framework="pt") as f:
+        return list(f.keys())
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no copy: the block files are the shards), or a copy where the file systems differ."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def load_quantized(path: str | os.PathLike):
@@ -75,11 +152,16 @@ def load_quantized(path: str | os.PathLike):
     if manifest.get("kind") != QUANTIZED_MODEL_KIND:
         raise WeightwiseError(f"{path} is not a weightwise quantized model (manifest kind {manifest.get('kind')!r})")
     record = _record_of(path, manifest)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise WeightwiseError(f"{weights} is missing; the run folder is incomplete: re-run the quantization")
+    weights_file = path / (SHARD_INDEX if (path / SHARD_INDEX).is_file() else WEIGHTS_FILE)
+    if not weights_file.is_file():
+        raise WeightwiseError(f"{weights_file} is missing; the run folder is incomplete: re-run the quantization")
+    weights = LazyWeights(path)
+    from accelerate import init_empty_weights
+
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    model = _auto_class(config).from_config(config, dtype=torch.float32)
+    with init_empty_weights():  # parameters on the meta device: each is read from the file into its place
+        model = _auto_class(config).from_config(config, dtype=torch.float32)
+    model.tie_weights()
     modules = dict(model.named_modules())
     for name, layer in record.layers.items():
         linear = modules.get(name)
@@ -87,14 +169,11 @@ def load_quantized(path: str | os.PathLike):
             raise WeightwiseError(f"{path}: manifest names layer {name}, which the model config does not have")
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, QuantizedLinear.empty_like(linear, layer))
-    try:
-        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
-    except (safetensors.SafetensorError, OSError) as err:
-        raise WeightwiseError(f"{weights} is truncated or corrupt ({err}); re-run the quantization") from None
-    missing = [k for k in missing if not _is_tied_copy(model, k)]
+    missing = missing_names(model, weights, only_meta=False)
+    unexpected = [name for name in weights.files if name not in model.state_dict(keep_vars=True)]
     if missing or unexpected:
-        raise WeightwiseError(f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
+        raise WeightwiseError(f"{weights_file} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    materialize(model, "", weights, tied_names(model), dtype=None)
     model.eval()
     attach_record(model, record)
     tokenizer = None
@@ -120,9 +199,6 @@ def _auto_class(config):
     from transformers import MODEL_MAPPING, AutoModel, AutoModelForCausalLM
 
     base = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
-    return AutoModel if base is not None and base.__name__ in (config.architectures or []) else AutoModelForCausalLM
+    named = config.architectures if isinstance(config.architectures, list) else []
+    return AutoModel if base is not None and base.__name__ in named else AutoModelForCausalLM
 
-
-def _is_tied_copy(model: nn.Module, key: str) -> bool:
-    """lm_head.weight is legitimately absent from the file when tied to the input embeddings."""
-    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)

@@ -3,7 +3,8 @@ quantized-model folder or a hub id already in the local Hugging Face cache (neve
 the embedded encoder "minilm" (all-MiniLM-L6-v2, loaded as a base model: no LM head).
 
 A GGUF file is dequantized to fp32 once and cached as safetensors under
-``cache_dir()/gguf/<sha256>/``; later loads read the cache.
+``cache_dir()/gguf/<sha256>/``; later loads read the cache. :func:`load_skeleton` gives the same model on
+the meta device with its checkpoint read tensor by tensor, for work on a model larger than memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -53,6 +55,7 @@ from weightwise.io.artifacts import (
     write_json_atomic,
 )
 from weightwise.io.folders import load_quantized
+from weightwise.io.lazy import LazyWeights, NotStreamable, check_finite_tensor, missing_names
 from weightwise.io.defaults import DEFAULT_MODEL_NAME, MINILM_MODEL_NAME, default_gguf_path, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -84,15 +87,16 @@ def load_model(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load ``(model, tokenizer)``, the model in eval mode.
 
     ``source``: "default", "minilm" (an AutoModel: BertModel), a .gguf file, a folder with config.json
     + weights, a weightwise quantized-model folder, or a hub id in the local HF cache. The tokenizer is None when a folder
     has no tokenizer files. Pickled weights (.bin/.pt) load only with ``allow_pickle=True`` and
-    then only through ``torch.load(weights_only=True)``. ``dtype`` does not apply to
-    quantized-model folders.
+    then only through ``torch.load(weights_only=True)``. ``dtype``: the weights' dtype, or "auto" for the
+    checkpoint's own (:func:`checkpoint_dtype`: a bf16 checkpoint stays bf16, half the memory of fp32; a GGUF
+    file's cache is fp32). It does not apply to quantized-model folders.
     """
     start = time.perf_counter()
     src = _resolve(source)
@@ -118,6 +122,69 @@ def load_model(
     model.eval()
     logger.info("loaded %s from %s in %.1f s", type(model).__name__, src.path, time.perf_counter() - start)
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A causal LM on the meta device (no memory: the config, names, shapes and the dtype ``load_model(dtype="auto")``
+    gives), its tokenizer, and its checkpoint's tensors, read one at a time."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    weights: LazyWeights
+
+
+def load_skeleton(source: str | os.PathLike = "default") -> Skeleton:
+    """The model of ``source`` as a :class:`Skeleton`, after :func:`load_model`'s checks of the folder (architecture,
+    shard index, safetensors files; NaN/Inf values are refused as tensors are read).
+
+    Only sources held as safetensors with the names the model uses can be read so: a Hugging Face folder, a hub id in
+    the local cache, or a .gguf file (through its safetensors cache, built on first use by loading it whole once).
+    Others (quantized runs, tune runs, encoders, pickled weights, other tensor names) raise :class:`NotStreamable`.
+    The model's own code (``auto_map``) is never used: the built-in class of its architecture is.
+    """
+    src = _resolve(source)
+    if src.kind == "gguf":
+        folder = _gguf_cache_folder(src.path)
+        if not folder.is_dir():
+            _build_gguf_cache(src.path, folder)
+    elif src.kind in ("folder", "hub"):
+        folder = src.path
+    else:
+        raise NotStreamable(f"'{source}' is a {src.kind}; only a Hugging Face folder, a hub id or a .gguf file is read "
+                            "block by block: quantize it in memory (--no-stream)")
+    config_dict = _read_json(folder / "config.json")
+    _check_architecture(config_dict, folder / "config.json", False)
+    _check_shard_index(folder)
+    if not any(folder.glob("*.safetensors")):
+        raise NotStreamable(f"'{folder}' holds no safetensors weights, which streaming reads tensor by tensor: "
+                            "quantize it in memory (--no-stream), or convert it to safetensors")
+    weights = LazyWeights(folder)
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=checkpoint_dtype(config_dict, weights))
+    model.tie_weights()
+    model.eval()
+    missing = missing_names(model, weights)
+    if missing:
+        raise NotStreamable(f"'{folder}' names its tensors otherwise than {type(model).__name__} (no {missing[0]!r} "
+                            f"among {len(weights.files)} tensors): quantize it in memory (--no-stream)")
+    return Skeleton(model, _load_folder_tokenizer(folder, trust_remote_code=False), weights)
+
+
+def checkpoint_dtype(config: dict, weights: LazyWeights | None) -> torch.dtype | str:
+    """The dtype ``load_model(dtype="auto")`` gives a folder's model: its config.json's ``dtype`` (or ``torch_dtype``),
+    else its first floating safetensors tensor's, else "auto" (transformers decides, for pickled weights)."""
+    named = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype) and getattr(torch, named).is_floating_point:
+        return getattr(torch, named)
+    for name in sorted(weights.files) if weights is not None else ():
+        dtype = weights.dtype(name)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+    return "auto"
 
 
 def load_tokenizer(source: str | os.PathLike = "default", *, trust_remote_code: bool = False):
@@ -290,7 +357,7 @@ def _write_gguf_cache(path: Path, folder: Path) -> None:
 # --- Hugging Face folders -----------------------------------------------------------------------
 
 
-def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype,
+def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype | str,
                        encoder: bool = False):
     """A causal LM from ``folder``, or with ``encoder`` its base model (AutoModel, e.g. BertModel)."""
     config = _read_json(folder / "config.json")
@@ -302,6 +369,8 @@ def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: b
         _check_pickle_allowed(folder, allow_pickle)
     for file in safetensors_files:
         _check_safetensors(file)
+    if dtype == "auto":
+        dtype = checkpoint_dtype(config, None if use_pickle else LazyWeights(folder))
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if use_pickle:
         kwargs.update(use_safetensors=False, weights_only=True)  # torch.load(weights_only=True): tensors only, no code
@@ -455,14 +524,9 @@ def _check_tokenizer_code(folder: Path) -> None:
 
 
 def _check_finite(model: torch.nn.Module, where: Path) -> None:
-    """Refuse NaN/Inf weights (a finite sum proves a tensor finite; the full check only runs if not)."""
+    """Refuse NaN/Inf weights."""
     for name, param in model.named_parameters():
-        values = param.detach()
-        if values.is_floating_point() and not torch.isfinite(values.sum()) and not torch.isfinite(values).all():
-            raise WeightwiseError(
-                f"weight '{name}' loaded from '{where}' has NaN/Inf values; "
-                "the checkpoint is damaged: re-create or re-download it"
-            )
+        check_finite_tensor(name, param.detach(), where)
 
 
 def _folder_weights_sha256(folder: Path) -> str:

@@ -8,6 +8,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +22,16 @@ from weightwise.formats.quantizer import check_finite, dequantize, group_layout
 from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.qlinear import QuantizedLinear
 from weightwise.quantize.blocktune import tune_block
-from weightwise.quantize.calibration import BlockPass, calibration_tokens, device_of, layer_sequential, run_block
+from weightwise.quantize.calibration import (
+    BlockPass,
+    BlockStore,
+    ResidentBlocks,
+    calibration_tokens,
+    device_of,
+    float32_parts,
+    layer_sequential,
+    run_block,
+)
 from weightwise.quantize.checkpoint import BlockCheckpoint
 from weightwise.quantize.methods import run_method
 from weightwise.quantize.planning import plan_layers, plan_summary
@@ -84,6 +94,9 @@ def quantize(
     was. The returned model carries a :class:`~weightwise.records.QuantizationRecord` (recipe, per-layer
     spec, SQNR and diagnostics, source fingerprint, timings, device, calibration, plan) that
     :func:`weightwise.save` writes to the manifest; read it with :func:`weightwise.quantization_record`.
+    The calibration math runs in float32 whatever the model's dtype, and the returned model's float parts
+    (embeddings, norms, biases) are float32, as those of a saved run loaded back: a bf16 model gives the
+    same result as its float32 copy.
     """
     recipe = _as_recipe(recipe)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
@@ -109,16 +122,87 @@ def quantize(
         if checkpoint_dir is not None:
             checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), source_fingerprint, tokens)
         calibration_record = job.run_calibrated(tokens, checkpoint)
+        if checkpoint is not None:
+            checkpoint.clear()
     else:
         for name in plan:
             home = job.modules[name].weight.device
             job.quantize_layer(name, None).to(home)  # made on ``device``: the layer returns next to its neighbours
+    float32_parts(model)
     elapsed = time.perf_counter() - start
     logger.info("quantized %d layers with %s/%s in %.1f s", len(job.layers), recipe.method.name, recipe.format, elapsed)
     attach_record(model, QuantizationRecord(
         recipe=recipe.model_dump(mode="json"), layers=job.layers, source_fingerprint=source_fingerprint,
         quantize_seconds=elapsed, device=str(device or device_of(model) or "cpu"), calibration=calibration_record, plan=planned))
     return model
+
+
+def quantize_streamed(
+    model: str | Path,
+    recipe: QuantRecipe | dict | str | Path,
+    output: str | Path,
+    *,
+    calibration: torch.Tensor | str | list[str] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    device: torch.device | str | None = None,
+    **manifest,
+) -> nn.Module:
+    """Quantize the model ``model`` (a source name or path, as :func:`weightwise.load_model` takes) one decoder block
+    at a time, never holding it whole, into the run folder ``output``; returns the quantized model on the meta device
+    (no tensors: they are in ``output``) with its record.
+
+    The model is built on the meta device and its checkpoint read tensor by tensor
+    (:func:`weightwise.io.models.load_skeleton`: a Hugging Face folder, a hub id in the local cache or a .gguf file).
+    Each block is read in float32 for its turn, calibrated and quantized as :func:`quantize` does it, saved to
+    ``checkpoint_dir`` (default ``.NAME.partial`` beside ``output``: a killed run resumes at the next block) and
+    emptied; the embeddings are read only to compute the first block's inputs. The folder holds the same tensors,
+    bit for bit, as ``save(quantize(load_model(model, dtype="auto")[0], recipe, ...), output)``, as shards (one per
+    block) with an index; ``manifest`` fields go into its manifest.json beside the record and the size
+    (``metrics.size``). Raises :class:`~weightwise.io.lazy.NotStreamable` for a source or recipe that needs the
+    whole model (a size target, 'self' calibration, quantized layers outside the decoder blocks).
+    """
+    from weightwise.evaluate.size import model_size
+    from weightwise.io.folders import save_streamed
+    from weightwise.io.lazy import LazyStateDict, NotStreamable
+    from weightwise.io.models import load_skeleton
+    from weightwise.quantize.stream import StreamedBlocks, check_streamable
+
+    recipe, output = _as_recipe(recipe), Path(output)
+    check_streamable(recipe)
+    start = time.perf_counter()
+    skeleton = load_skeleton(model)
+    qmodel, weights = skeleton.model, skeleton.weights
+    state = LazyStateDict(qmodel, weights)  # reads every tensor once: the fingerprint, and NaN/Inf refused before any work
+    source_fingerprint = state_dict_fingerprint(state, ties=state.ties)
+    plan = _plan(target_layers(qmodel, recipe), recipe)
+    try:
+        blocks = _targets_by_block(qmodel, dict(qmodel.named_modules()), plan)[0]
+    except WeightwiseError as err:
+        raise NotStreamable(f"{err}; or quantize in memory (--no-stream)") from None
+    ranks = {name: recipe.lorc_rank_for(name) for name in plan}
+    tokens = _calibration_tokens(qmodel, recipe, skeleton.tokenizer, calibration) if recipe.needs_calibration else None
+    checkpoint = BlockCheckpoint(checkpoint_dir or output.parent / f".{output.name}.partial", recipe.model_dump(mode="json"),
+                                 source_fingerprint, tokens)
+    job = QuantizeJob(qmodel, recipe, plan, ranks, device, progress)
+    store = StreamedBlocks(qmodel, weights, device, partial(job.restore, checkpoint))
+    calibration_record = None
+    if recipe.needs_calibration:
+        calibration_record = job.run_calibrated(tokens, checkpoint, store)
+    else:
+        job.run_blockwise(checkpoint, store)
+    float32_parts(qmodel)  # on the meta device: the dtypes the float parts are written in, as quantize() leaves them
+    elapsed = time.perf_counter() - start
+    logger.info("quantized %d layers with %s/%s block by block in %.1f s", len(job.layers), recipe.method.name,
+                recipe.format, elapsed)
+    attach_record(qmodel, QuantizationRecord(
+        recipe=recipe.model_dump(mode="json"), layers=job.layers, source_fingerprint=source_fingerprint,
+        quantize_seconds=elapsed, device=str(device or "cpu"), calibration=calibration_record, plan=None))
+    metrics = {**manifest.pop("metrics", {}), "size": model_size(qmodel)}
+    save_streamed(qmodel, output, block_files=[checkpoint.block_file(i) for i in range(len(blocks))], weights=weights,
+                  tokenizer=skeleton.tokenizer, metrics=metrics, **manifest)
+    checkpoint.clear()
+    return qmodel
 
 
 class QuantizeJob:
@@ -166,15 +250,21 @@ class QuantizeJob:
         self.install(name, qlinear, record)
         return qlinear
 
-    def run_calibrated(self, tokens: torch.Tensor, checkpoint: BlockCheckpoint | None) -> CalibrationRecord:
-        """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint``."""
+    def restore(self, checkpoint: BlockCheckpoint, index: int, block_name: str) -> None:
+        """Put block ``index``, quantized by an earlier run, back in place from ``checkpoint``."""
+        for name, (qlinear, record) in checkpoint.restore_block(index, self.modules).items():
+            self.install(name, qlinear, record)
+
+    def run_calibrated(self, tokens: torch.Tensor, checkpoint: BlockCheckpoint | None,
+                       store: BlockStore | None = None) -> CalibrationRecord:
+        """Layer-sequential calibration over the decoder blocks, resumable through ``checkpoint``; ``store`` readies
+        each block for its turn (default: the model in memory, each block on the job's device for its turn)."""
         recipe, modules, plan = self.recipe, self.modules, self.plan
         blocks, by_block = _targets_by_block(self.model, modules, plan)
-        start_block = 0
-        if checkpoint is not None:
-            start_block, records, saved = checkpoint.load(modules)
-            for name, qlinear in saved.items():
-                self.install(name, qlinear, records[name])
+        start_block = checkpoint.progress()[0] if checkpoint is not None else 0
+        if store is None:
+            store = ResidentBlocks(self.device, None if checkpoint is None else partial(self.restore, checkpoint),
+                                   keep_float32=True)
         family, steps = family_of(getattr(self.model.config, "model_type", "unknown")), recipe.block_steps()
 
         def quantize_block(index: int, block_name: str, stats: dict[str, dict], block_pass: BlockPass) -> None:
@@ -198,10 +288,21 @@ class QuantizeJob:
                 checkpoint.save_block(index, done, {name: self.layers[name] for name in done},
                                       _float_state(block_name, modules[block_name]))
 
-        layer_sequential(self.model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block, self.device)
-        if checkpoint is not None:
-            checkpoint.clear()
+        layer_sequential(self.model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block,
+                         self.device, store)
         return CalibrationRecord(**recipe.calibration.model_dump(), tokens=int(tokens.numel()), resumed_at_block=start_block)
+
+    def run_blockwise(self, checkpoint: BlockCheckpoint, store: BlockStore) -> None:
+        """Quantize block by block without calibration, each block readied by ``store`` for its turn and saved to
+        ``checkpoint`` (blocks an earlier run saved are only put back)."""
+        blocks, by_block = _targets_by_block(self.model, self.modules, self.plan)
+        start_block = checkpoint.progress()[0]
+        for index, (block_name, block) in enumerate(blocks):
+            store.open(index, block_name, block, quantized=index < start_block)
+            if index >= start_block:
+                done = {name: self.quantize_layer(name, None) for name in by_block[block_name]}
+                checkpoint.save_block(index, done, {name: self.layers[name] for name in done}, _float_state(block_name, block))
+            store.close(index, block_name, block)
 
 
 def _float_state(block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
@@ -291,7 +392,8 @@ def _plan(targets, recipe: QuantRecipe) -> dict:
         spec = recipe.spec_for(name)
         if spec is None:
             continue
-        check_finite(linear.weight, f"weight of {name}")
+        if not linear.weight.is_meta:  # a streamed model's weights are checked as they are read
+            check_finite(linear.weight, f"weight of {name}")
         if recipe.target_bpw is not None or recipe.target_mb is not None:
             plan[name] = spec  # the planner replaces it with a candidate that fits
             continue

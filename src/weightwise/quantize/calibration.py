@@ -12,17 +12,22 @@ re-collects the next stage's statistics from the partly quantized block (:meth:`
 that o_proj is calibrated on the outputs of the *quantized* q/k/v, as in GPTQ's true-sequential mode.
 Each re-collection stops the forward pass right after the stage's last linear.
 
-With an execution ``device`` (a GPU) the model stays where it is (CPU memory) and each block is moved to
-the device for its calibration, quantization and output pass, then moved back: GPU memory holds one
-block, its captured activations and its statistics.
+The math runs in float32 whatever the model's dtype: the model runs up to the first block in float32 to
+capture its inputs, and each block is cast to float32 for its turn (calibration, quantization, output pass).
+Where the blocks are between their turns is a :class:`BlockStore`'s business: :class:`ResidentBlocks` keeps
+the model in memory (with an execution ``device``, a GPU, each block is moved there for its turn and moved
+back: GPU memory holds one block, its captured activations and its statistics); ``quantize.stream``'s store
+reads each block from the checkpoint for its turn and writes and frees it afterwards.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +35,7 @@ from torch import nn
 
 from weightwise.architectures import FAMILIES
 from weightwise.errors import WeightwiseError
-from weightwise.qlinear import dequantized_once
+from weightwise.qlinear import QuantizedLinear, dequantized_once
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +295,79 @@ class BlockPass:
         return _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last).results()
 
 
+class BlockStore(Protocol):
+    """Where :func:`layer_sequential` finds the decoder blocks' weights and what happens to a block after its turn."""
+
+    def capture(self, model: nn.Module, blocks: list[nn.Module]) -> AbstractContextManager:
+        """A context in which ``model`` can run up to its first block, in float32 (to capture that block's inputs)."""
+
+    def open(self, index: int, name: str, block: nn.Module, quantized: bool) -> None:
+        """Make ``block`` ready for its turn: its float tensors in float32, on the work device. ``quantized``: an
+        earlier run quantized it already (a resume), so its quantized state is to be restored, not recomputed."""
+
+    def close(self, index: int, name: str, block: nn.Module) -> None:
+        """The block's turn is over: its outputs are computed."""
+
+
+class ResidentBlocks:
+    """Blocks held in memory. ``device``: each block is moved there for its turn and back afterwards. ``restore(index,
+    name)``: puts a block an earlier run quantized back in place (resume; None: such blocks are quantized already).
+    ``keep_float32``: the model is being quantized, and its float parts stay in float32 after their turn (as a loaded
+    quantized run's are); otherwise they return to their dtype and the model is left as it was."""
+
+    def __init__(self, device: torch.device | str | None = None, restore: Callable[[int, str], None] | None = None,
+                 keep_float32: bool = False):
+        self.device, self.restore, self.keep_float32 = device, restore, keep_float32
+        self._turn: tuple[torch.device | None, list] = (None, [])
+
+    @contextmanager
+    def capture(self, model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]:
+        changed = float32_parts(model, skip=blocks)
+        try:
+            yield
+        finally:
+            if not self.keep_float32:
+                cast_back(changed)
+
+    def open(self, index: int, name: str, block: nn.Module, quantized: bool) -> None:
+        home, changed = device_of(block), float32_parts(block)
+        if quantized and self.restore is not None:
+            self.restore(index, name)
+        if self.device is not None:
+            block.to(self.device)
+        self._turn = (home, changed)
+
+    def close(self, index: int, name: str, block: nn.Module) -> None:
+        home, changed = self._turn
+        if self.device is not None and home is not None:
+            block.to(home)
+        if not self.keep_float32:
+            cast_back(changed)
+
+
+def float32_parts(module: nn.Module, skip: Collection[nn.Module] = ()) -> list[tuple[torch.Tensor, torch.dtype]]:
+    """Cast the floating parameters and buffers of ``module`` to float32 in place (shared ones once), except inside
+    quantized layers (their stored scales keep their dtype) and the modules ``skip``; returns the (tensor, old dtype)
+    pairs changed, for :func:`cast_back`."""
+    skipped = {id(inner) for outer in skip for inner in outer.modules()}
+    changed, seen = [], set()
+    for sub in module.modules():
+        if id(sub) in skipped or isinstance(sub, QuantizedLinear):
+            continue
+        for tensor in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)):
+            if tensor.is_floating_point() and tensor.dtype != torch.float32 and id(tensor) not in seen:
+                seen.add(id(tensor))
+                changed.append((tensor, tensor.dtype))
+                tensor.data = tensor.data.to(torch.float32)
+    return changed
+
+
+def cast_back(changed: list[tuple[torch.Tensor, torch.dtype]]) -> None:
+    """Undo :func:`float32_parts`."""
+    for tensor, dtype in changed:
+        tensor.data = tensor.data.to(dtype)
+
+
 def layer_sequential(
     model: nn.Module,
     blocks: list[tuple[str, nn.Module]],
@@ -299,28 +377,29 @@ def layer_sequential(
     quantize_block: Callable[[int, str, dict[str, dict], BlockPass], None],
     start_block: int = 0,
     device: torch.device | str | None = None,
+    store: BlockStore | None = None,
 ) -> None:
     """Calibrate and quantize block by block from ``start_block`` on.
 
     ``quantize_block(index, block_name, stats, block_pass)`` must replace the block's target layers; it may
     quantize them stage by stage with ``block_pass`` (see :class:`BlockPass`). The block is then re-run so
-    that the next block sees the quantized outputs. Blocks before ``start_block`` must already be
-    quantized (resume): their outputs are recomputed block by block from the first block's inputs, the
-    same computation as in the uninterrupted run, so that a resumed run ends with the same weights.
-    With ``device``, each block runs there (and ``quantize_block`` sees it there) and returns to its own
-    device afterwards.
+    that the next block sees the quantized outputs. Blocks before ``start_block`` were quantized by an
+    earlier run (resume; ``store`` restores them): their outputs are recomputed block by block from the
+    first block's inputs, the same computation as in the uninterrupted run, so that a resumed run ends with
+    the same weights. ``store`` (default: :class:`ResidentBlocks` on ``device``) readies each block for its
+    turn; with ``device``, the captured activations go there too.
     """
     if start_block >= len(blocks):
         return
     from accelerate.utils import send_to_device
 
-    inputs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
+    store = ResidentBlocks(device) if store is None else store
+    with store.capture(model, [block for _, block in blocks]):
+        inputs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
     if device is not None:
         inputs = send_to_device(inputs, device)
     for index, (name, block) in enumerate(blocks):
-        home = device_of(block)
-        if device is not None:
-            block.to(device)
+        store.open(index, name, block, quantized=index < start_block)
         if index >= start_block:
             linears = targets_by_block.get(name, {})
             collector = _collect(block, linears, inputs)
@@ -331,8 +410,7 @@ def layer_sequential(
             logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
         if index + 1 < len(blocks):
             inputs = run_block(block, inputs)
-        if device is not None and home is not None:
-            block.to(home)
+        store.close(index, name, block)
 
 
 def device_of(module: nn.Module) -> torch.device | None:
