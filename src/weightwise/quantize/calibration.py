@@ -228,13 +228,19 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tenso
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[CapturedBatch]) -> list[CapturedBatch]:
-    """The block's outputs for each captured batch, paired with the same other args (for the next block)."""
-    outputs = []
+def run_block(block: nn.Module, inputs: list[CapturedBatch], *, replace: bool = False) -> list[CapturedBatch]:
+    """The block's outputs for each captured batch, paired with the same other args (for the next block). With
+    ``replace`` each batch of ``inputs`` is replaced by its output as soon as that is computed, and ``inputs`` is
+    returned: memory holds one copy of the activations, not two."""
+    outputs = inputs if replace else []
     with torch.no_grad(), dequantized_once(block):
-        for hidden, args, kwargs in inputs:
+        for i, (hidden, args, kwargs) in enumerate(inputs):
             out = block(hidden, *args, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out, args, kwargs))
+            entry = (out[0] if isinstance(out, tuple) else out, args, kwargs)
+            if replace:
+                outputs[i] = entry
+            else:
+                outputs.append(entry)
     return outputs
 
 
@@ -409,7 +415,7 @@ def layer_sequential(
                            BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
             logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
         if index + 1 < len(blocks):
-            inputs = run_block(block, inputs)
+            inputs = run_block(block, inputs, replace=True)
         store.close(index, name, block)
 
 
