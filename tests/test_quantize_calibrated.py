@@ -1,5 +1,7 @@
 """Calibrated quantization through quantize(): GPTQ on a tiny model, data sources, resume after a kill."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,6 +66,51 @@ def test_killed_run_resumes_at_the_next_block_with_identical_weights(tmp_path):
     for name, module in resumed.named_modules():
         if isinstance(module, QuantizedLinear):
             assert torch.equal(module.dequantized_weight(), ref_layers[name].dequantized_weight()), name
+
+
+def test_run_killed_while_deleting_its_checkpoint_reruns_afresh(tmp_path, monkeypatch):
+    model, calib = tiny_model(), _tokens(3)
+    recipe = {"format": "int4", "group_size": 16, "method": "gptq", "calibration": CALIB}
+    reference = quantize(model, recipe, calibration=calib)
+    checkpoint = tmp_path / "partial"
+
+    def killed_while_deleting(path, ignore_errors=False):
+        (Path(path) / "block_0001.safetensors").unlink()  # one block file gone, then the process dies
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr("weightwise.quantize.checkpoint.shutil.rmtree", killed_while_deleting)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    rerun = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    assert quantization_record(rerun).calibration.resumed_at_block == 0 and not checkpoint.exists()
+    ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, module in rerun.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(module.dequantized_weight(), ref_layers[name].dequantized_weight()), name
+
+
+def test_run_killed_after_its_last_block_resumes_to_the_same_model(tmp_path, monkeypatch):
+    model, calib = tiny_model(), _tokens(3)
+    recipe = {"format": "int4", "group_size": 16, "method": "gptq", "calibration": CALIB}
+    reference = quantize(model, recipe, calibration=calib)
+    checkpoint = tmp_path / "partial"
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:  # every block saved, killed before the checkpoint is deleted
+        patched.setattr("weightwise.quantize.checkpoint.BlockCheckpoint.clear", killed)
+        with pytest.raises(KeyboardInterrupt):
+            quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    assert quantization_record(resumed).calibration.resumed_at_block == 2
+    assert quantization_record(resumed).layers == quantization_record(reference).layers
+    ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
+    layers = {n: m for n, m in resumed.named_modules() if isinstance(m, QuantizedLinear)}
+    assert layers.keys() == ref_layers.keys()
+    for name, module in layers.items():
+        assert torch.equal(module.dequantized_weight(), ref_layers[name].dequantized_weight()), name
 
 
 def test_stale_checkpoint_is_ignored(tmp_path):

@@ -395,11 +395,14 @@ def layer_sequential(
     the same weights. ``store`` (default: :class:`ResidentBlocks` on ``device``) readies each block for its
     turn; with ``device``, the captured activations go there too.
     """
-    if start_block >= len(blocks):
-        return
     from accelerate.utils import send_to_device
 
     store = ResidentBlocks(device) if store is None else store
+    if start_block >= len(blocks):  # all quantized by a run killed before it finished: only put them back
+        for index, (name, block) in enumerate(blocks):
+            store.open(index, name, block, quantized=True)
+            store.close(index, name, block)
+        return
     with store.capture(model, [block for _, block in blocks]):
         inputs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
     if device is not None:
