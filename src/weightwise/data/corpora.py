@@ -70,6 +70,17 @@ def check_text_file(path: str | Path, sniff: int = _SNIFF_BYTES) -> None:
         raise WeightwiseError(f"{path} is a binary file, not UTF-8 text; pass a text or .jsonl file")
 
 
+def check_unicode(text: str, where: str) -> str:
+    """``text``, refused when it holds a lone UTF-16 surrogate: JSON can spell one ("\\ud800"), but it is not text
+    (no UTF-8 encoding, no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise WeightwiseError(f"{where} holds a lone surrogate escape (\\u{ord(err.object[err.start]):04x}), which is "
+                              "not text: write valid Unicode") from None
+    return text
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
     with path.open(encoding="utf-8") as lines:
@@ -78,13 +89,13 @@ def _read_jsonl(path: Path) -> list[str]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise WeightwiseError(
-                    f"{path} line {number} is not valid JSON ({err.msg}): write one JSON object per line"
+                    f"{path} line {number} is not valid JSON ({err}): write one JSON object per line"
                 ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise WeightwiseError(
                     f'{path} line {number} has no string "text" field: write objects like {{"text": "..."}}'
                 )
-            docs.append(record["text"])
+            docs.append(check_unicode(record["text"], f"{path} line {number}"))
     return docs

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from weightwise.data.corpora import check_unicode
 from weightwise.errors import WeightwiseError
 
 logger = logging.getLogger(__name__)
@@ -176,10 +177,14 @@ def load_examples(path: str | Path) -> list[Example | str]:
     if not path.is_file():
         raise WeightwiseError(f"task file {path} not found: pass an existing .jsonl file or 'arithmetic'")
     examples: list[Example | str] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                examples.append(parse_record(line, f"{path} line {number}"))
+    number = 0
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    examples.append(parse_record(line, f"{path} line {number}"))
+    except UnicodeDecodeError:
+        raise WeightwiseError(f"task file {path} is not UTF-8 text (after line {number}): convert it to UTF-8") from None
     if not examples:
         raise WeightwiseError(f"task file {path} holds no examples: write one JSON object per line")
     return examples
@@ -194,11 +199,22 @@ def parse_record(line: str, where: str) -> Example | str:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise WeightwiseError(f"{where} is not valid JSON ({err.msg}): write one JSON object per line") from None
+    except RecursionError:
+        raise WeightwiseError(f"{where} nests JSON too deeply to read: write one flat JSON object per line") from None
     return record_example(record, where)
 
 
 def record_example(record: Any, where: str) -> Example | str:
     """The example a parsed JSON record holds: an :class:`Example` or a ``{"text"}`` string."""
+    example = _record_example(record, where)
+    strings = [example] if isinstance(example, str) else [example.prompt, example.response,
+                                                          *(m[k] for m in example.history for k in ("role", "content"))]
+    for text in strings:
+        check_unicode(text, where)
+    return example
+
+
+def _record_example(record: Any, where: str) -> Example | str:
     forms = _FORMS
     if not isinstance(record, dict):
         raise WeightwiseError(f"{where} is not a JSON object: write objects like {forms}")

@@ -51,8 +51,8 @@ def load_metrics(path: str | Path) -> list[dict]:
         raise WeightwiseError(f"{path} not found: pass a run folder holding metrics.json or manifest.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise WeightwiseError(f"{path} is not valid JSON ({err.msg}): re-run the evaluation that wrote it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise WeightwiseError(f"{path} is not valid JSON ({err}): re-run the evaluation that wrote it") from None
     if isinstance(data, dict) and isinstance(data.get("runs"), list):
         return data["runs"]
     if isinstance(data, dict) and isinstance(data.get("metrics"), dict):

@@ -322,7 +322,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         raise WeightwiseError(f"'{directory}' has no {MANIFEST_NAME}; it is not a weightwise output folder")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise WeightwiseError(f"'{path}' is corrupt ({e}); re-create the folder by re-running its command") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("kind"), str):
         raise WeightwiseError(f"'{path}' has no 'kind' field; re-create the folder by re-running its command")

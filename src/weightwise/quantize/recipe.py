@@ -222,9 +222,13 @@ def recipe_from_yaml(model_cls, path: str | Path, updates: dict):
     if not path.is_file():
         raise WeightwiseError(f"recipe file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise WeightwiseError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise WeightwiseError(f"recipe {path} is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
+    except RecursionError:
+        raise WeightwiseError(f"recipe {path} nests too deeply to read: write a mapping of field: value") from None
     if not isinstance(data, dict):
         raise WeightwiseError(f"recipe {path} must be a mapping of field: value")
     method = data.get("method")
@@ -235,11 +239,14 @@ def recipe_from_yaml(model_cls, path: str | Path, updates: dict):
 
 
 def validated(model_cls, data: dict, source: str = "options"):
-    """``model_cls(**data)`` with a pydantic error turned into one line naming the field."""
+    """``model_cls`` validated from ``data``, with a pydantic error turned into one line naming the field."""
     try:
-        return model_cls(**data)
+        return model_cls.model_validate(data)
     except ValidationError as err:
         raise WeightwiseError(f"invalid {source}: {validation_message(err)}") from None
+    except UnicodeEncodeError as err:  # a lone surrogate: YAML can spell one ("\ud800"), and undecodable argv bytes
+        raise WeightwiseError(f"invalid {source}: a value holds {err.object[err.start]!r}, which is not text; "
+                              "write valid Unicode") from None
 
 
 def validation_message(err: ValidationError) -> str:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, PoolExample | BadLine]]:
                 if isinstance(parsed, PoolExample):
                     index += 1
                 yield number, parsed
-    except (OSError, EOFError, UnicodeDecodeError) as err:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as err:
         raise WeightwiseError(f"{path} could not be read to the end ({err}): pass a complete, UTF-8 file") from None
 
 
@@ -128,6 +129,8 @@ def _parse(line: str, number: int, index: int) -> PoolExample | BadLine:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         return BadLine(number, f"not valid JSON ({err.msg})")
+    except RecursionError:
+        return BadLine(number, "JSON nested too deeply to read")
     try:
         example = record_example(record, f"line {number}")
     except WeightwiseError as err:

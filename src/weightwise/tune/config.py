@@ -243,8 +243,8 @@ def _nest_shortcuts(data: dict) -> dict:
     else:
         return data  # pydantic reports the wrong type
     name = fields["name"]
-    if name not in _BY_NAME:
-        raise ValueError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
+    if not isinstance(name, str) or name not in _BY_NAME:
+        raise ValueError(f"unknown method {name!r} (known: {', '.join(METHOD_NAMES)})")
     known = _BY_NAME[name].model_fields
     rank_given = "rank" in fields or flat.get("lora_rank") is not None
     for shortcut, value in flat.items():
