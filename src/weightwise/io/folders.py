@@ -145,7 +145,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def load_quantized(path: str | os.PathLike):
     """Rebuild a quantized model saved by :func:`save`; returns (model, tokenizer or None)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from weightwise.io.model_checks import check_fits, read_config, read_tokenizer, safetensors_weights
 
     path = Path(path)
     manifest = read_manifest(check_run_folder(path))
@@ -158,7 +158,10 @@ def load_quantized(path: str | os.PathLike):
     weights = LazyWeights(path)
     from accelerate import init_empty_weights
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    config = read_config(path)
+    stored = safetensors_weights(sorted(path.glob("*.safetensors")))
+    check_fits(config, path / "config.json", _auto_class(config).from_config, tensors=stored.tensors,
+               max_elements=8 * stored.bytes)  # no format stores a weight in less than a bit
     with init_empty_weights():  # parameters on the meta device: each is read from the file into its place
         model = _auto_class(config).from_config(config, dtype=torch.float32)
     model.tie_weights()
@@ -178,7 +181,7 @@ def load_quantized(path: str | os.PathLike):
     attach_record(model, record)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        tokenizer = read_tokenizer(path)
     return model, tokenizer
 
 

@@ -26,8 +26,7 @@ import torch
 import transformers
 from gguf import GGUFReader
 from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError, StrictDataclassError
-from safetensors import SafetensorError, safe_open
+from huggingface_hub.errors import HFValidationError
 from transformers import (
     CONFIG_MAPPING,
     MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -55,7 +54,10 @@ from weightwise.io.artifacts import (
     write_json_atomic,
 )
 from weightwise.io.folders import load_quantized
+from weightwise.io.gguf_check import check_gguf
 from weightwise.io.lazy import LazyWeights, NotStreamable, check_finite_tensor, missing_names
+from weightwise.io.model_checks import (CONFIG_ERRORS, check_fits, read_config, read_tokenizer, reason,
+                                        safetensors_weights)
 from weightwise.io.defaults import DEFAULT_MODEL_NAME, MINILM_MODEL_NAME, default_gguf_path, minilm_path
 
 logger = logging.getLogger(__name__)
@@ -69,8 +71,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # What gguf's reader raises on a cut-short or garbled file (numpy memmap/reshape, struct, sizes, indexing).
 _GGUF_PARSE_ERRORS = (ValueError, IndexError, OverflowError, struct.error, EOFError)
 # What transformers raises loading a damaged GGUF: the above, OSError for undecodable metadata text,
-# RuntimeError for tensor shapes that disagree with the metadata, StrictDataclassError for a bad config.
-_GGUF_LOAD_ERRORS = (*_GGUF_PARSE_ERRORS, OSError, RuntimeError, StrictDataclassError)
+# RuntimeError for tensor shapes that disagree with the metadata, and what a config of bad values raises.
+_GGUF_LOAD_ERRORS = (*_GGUF_PARSE_ERRORS, *CONFIG_ERRORS)
 # What torch.load(weights_only=True) raises on a cut-short, garbled or object-holding pickle.
 _PICKLE_READ_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
 _CACHE_LOCK_WAIT_S = 600.0  # how long a process waits for another one converting the same GGUF file
@@ -220,6 +222,11 @@ def _resolve(source: str | os.PathLike) -> _Source:
     if isinstance(source, str) and source == "minilm":
         return _Source("encoder", minilm_path())
     path = Path(source).expanduser()
+    try:
+        path.exists()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL character
+        raise WeightwiseError(f"{os.fspath(source)[:200]!r} is not a usable path ({type(err).__name__}: "
+                              f"{str(err)[:100]}); check the path") from None
     if path.is_dir():
         if (path / MANIFEST_NAME).is_file():  # a weightwise output folder: its files are read only inside it
             kind = read_manifest(check_run_folder(path))["kind"]
@@ -287,6 +294,7 @@ def _read_index(path: Path) -> dict:
 
 def _read_gguf(path: Path, from_pretrained):
     """``from_pretrained`` (a model or tokenizer loader) on a GGUF file, with read errors made clear."""
+    check_gguf(path)  # counts and lengths the file cannot hold would make gguf-py loop or allocate without end
     try:
         return from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     except _GGUF_LOAD_ERRORS as e:
@@ -336,7 +344,11 @@ def _write_gguf_cache(path: Path, folder: Path) -> None:
     logger.info("converting %s to fp32 safetensors in %s (once per file)", path, folder)
     start = time.perf_counter()
     dense = GgufConfig(dequantize=True)  # plain nn.Linear weights even where GGUF kernels are installed
-    read_model = partial(AutoModelForCausalLM.from_pretrained, quantization_config=dense, dtype=torch.float32)
+    config = _read_gguf(path, AutoConfig.from_pretrained)  # read once: from_pretrained would read it again
+    stored = check_gguf(path)
+    check_fits(config, path, AutoModelForCausalLM.from_config, tensors=stored.tensors, max_elements=2 * stored.elements)
+    read_model = partial(AutoModelForCausalLM.from_pretrained, config=config, quantization_config=dense,
+                         dtype=torch.float32)
     model = _read_gguf(path, read_model)
     tokenizer = _read_gguf(path, AutoTokenizer.from_pretrained)
     _check_finite(model, path)
@@ -367,22 +379,26 @@ def _load_folder_model(folder: Path, *, allow_pickle: bool, trust_remote_code: b
     use_pickle = not safetensors_files
     if use_pickle:
         _check_pickle_allowed(folder, allow_pickle)
-    for file in safetensors_files:
-        _check_safetensors(file)
+    auto_class = AutoModel if encoder else AutoModelForCausalLM
+    hf_config = read_config(folder, trust_remote_code=trust_remote_code)
+    if not use_pickle:  # a size in config.json far beyond the weights would be allocated before they are read
+        stored = safetensors_weights(safetensors_files)  # refuses a damaged file
+        check_fits(hf_config, folder / "config.json", partial(auto_class.from_config, trust_remote_code=trust_remote_code),
+                   tensors=stored.tensors, max_elements=2 * stored.elements)
     if dtype == "auto":
         dtype = checkpoint_dtype(config, None if use_pickle else LazyWeights(folder))
     kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
     if use_pickle:
         kwargs.update(use_safetensors=False, weights_only=True)  # torch.load(weights_only=True): tensors only, no code
     try:
-        auto_class = AutoModel if encoder else AutoModelForCausalLM
         model, info = auto_class.from_pretrained(folder, output_loading_info=True, **kwargs)
-    except _PICKLE_READ_ERRORS as e:
+    except (*CONFIG_ERRORS, *_PICKLE_READ_ERRORS) as e:  # a tensor that disagrees with config.json, a damaged pickle
         if not use_pickle:
-            raise
+            raise WeightwiseError(f"the weights in '{folder}' do not fit its config.json ({reason(e)}); re-create or "
+                                  "re-download the folder") from None
         raise WeightwiseError(
-            f"the pickled weights in '{folder}' are truncated, corrupt or hold Python objects beyond tensors "
-            f"({type(e).__name__}); re-create or re-download them, ideally as safetensors"
+            f"the pickled weights in '{folder}' are truncated, corrupt, hold Python objects beyond tensors or do not "
+            f"fit config.json ({type(e).__name__}); re-create or re-download them, ideally as safetensors"
         ) from e
     _check_mostly_loaded(model, info["missing_keys"], folder)
     return model
@@ -427,14 +443,6 @@ def _check_pickle_allowed(folder: Path, allow_pickle: bool) -> None:
         )
 
 
-def _check_safetensors(file: Path) -> None:
-    try:
-        with safe_open(file, framework="pt"):
-            pass
-    except SafetensorError as e:
-        raise WeightwiseError(f"'{file}' is truncated or corrupt ({e}); re-create or re-download it") from None
-
-
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise WeightwiseError(
@@ -442,7 +450,7 @@ def _read_json(path: Path) -> dict:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise WeightwiseError(
             f"'{path}' is truncated or corrupt (invalid JSON: {e}); re-create or re-download it"
         ) from None
@@ -487,13 +495,7 @@ def _load_folder_tokenizer(folder: Path, *, trust_remote_code: bool):
             _read_json(folder / name)
     if not trust_remote_code:
         _check_tokenizer_code(folder)
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise WeightwiseError(f"the tokenizer in '{folder}' needs its own code from the folder, which runs only with "
-                              "trust_remote_code=True: pass it if you trust its source") from None
+    return read_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
 def _check_tokenizer_code(folder: Path) -> None:
