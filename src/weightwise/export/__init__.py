@@ -68,13 +68,29 @@ def gguf_tokenizer_source(source: str | os.PathLike) -> Path | None:
     tokenizer metadata an export copies unchanged; None when the model did not come from GGUF."""
     from weightwise.io.models import model_source_info
 
-    path = Path(source)
-    if path.is_dir() and (path / MANIFEST_NAME).is_file():  # a run: follow its source (a tune run's base, ...)
-        origin = read_manifest(path).get("source") or {}
-        if origin.get("kind") == "gguf" and origin.get("path") and Path(origin["path"]).is_file():
-            return Path(origin["path"])
-        if origin.get("kind") in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND) and origin.get("path"):
-            return gguf_tokenizer_source(origin["path"])
-        return None
+    seen: set[Path] = set()
+    while _is_file(Path(source) / MANIFEST_NAME):  # a run: follow its source
+        run = Path(source).resolve()
+        if run in seen:
+            raise WeightwiseError(f"'{run}/manifest.json' is among its own sources; the run folders are damaged: "
+                                  "re-create them")
+        seen.add(run)
+        origin = read_manifest(run).get("source")
+        where = origin.get("path") if isinstance(origin, dict) else None
+        if not isinstance(where, str) or not where:
+            return None
+        if origin.get("kind") == "gguf":
+            return Path(where) if _is_file(Path(where)) else None
+        if origin.get("kind") not in (QUANTIZED_MODEL_KIND, TUNE_RUN_KIND):
+            return None
+        source = where
     info = model_source_info(source)
     return Path(info["path"]) if info["kind"] == "gguf" else None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False for a name the file system refuses (too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

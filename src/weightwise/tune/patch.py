@@ -218,8 +218,10 @@ class WeightPatch:
         try:
             header, metadata = json.loads(meta[_HEADER_KEY]), json.loads(meta.get(_METADATA_KEY, "{}"))
             described, value_dtype = header["tensors"], header["value_dtype"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
             raise corrupt(f"bad header: {err}") from None
+        if not isinstance(described, dict) or not isinstance(metadata, dict):
+            raise corrupt("bad header: its tensors or metadata are not JSON objects")
         if header.get("format_version") != FORMAT_VERSION:
             raise WeightwiseError(f"'{where}' has patch format version {header.get('format_version')}; this weightwise reads {FORMAT_VERSION}")
         if state_dict_fingerprint(tensors) != header.get("payload_sha256"):
@@ -234,10 +236,14 @@ class WeightPatch:
                 idx = decode_indices(tensors[f"{name}:gaps"], tensors.get(f"{name}:escapes"))
                 values = decode_values(tensors[f"{name}:values"], tensors.get(f"{name}:scale"))
                 count, shape = int(spec["count"]), tuple(int(s) for s in spec["shape"])
-            except (ValueError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError, OverflowError) as err:
                 raise corrupt(f"{name}: {err}") from None
+            if not all(0 <= s < 2**63 for s in shape):
+                raise corrupt(f"{name}: shape {shape}")
             if idx.numel() != count or values.numel() != count:
                 raise corrupt(f"{name}: {idx.numel()} indices, {values.numel()} values, header says {count}")
+            if not torch.isfinite(values).all():
+                raise corrupt(f"{name}: NaN/Inf deltas")
             entries[name], shapes[name] = (idx, values), shape
         try:
             patch = cls(entries, shapes, metadata)

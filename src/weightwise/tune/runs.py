@@ -24,11 +24,13 @@ def load_tune_run(path: str | Path, *, allow_pickle: bool = False, trust_remote_
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest.get("files") or []
+    if not isinstance(files, list):
+        raise WeightwiseError(f"'{path}/manifest.json' is damaged (its 'files' is not a list); re-run the tuning")
     if MODEL_DIR in files:  # qat: the result is a whole quantized model
         return load_quantized(path / MODEL_DIR)
-    source = manifest.get("source") or {}
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     base_source = source.get("source") if source.get("source") in ("default", "minilm") else source.get("path")
-    if not base_source:
+    if not isinstance(base_source, str) or not base_source:
         raise WeightwiseError(f"'{path}/manifest.json' does not name the base model the run was tuned from; re-run the tuning")
     model, tokenizer = load_model(base_source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if PATCH_FILE in files:
