@@ -1,0 +1,90 @@
+"""Crash safety: commands killed with SIGKILL at random moments and run again end with exactly the uninterrupted
+output and never show a partial one (a few trials of bench/crash.py's harness, which bench/crash.py runs at scale).
+The fixes it led to are tested beside their modules (test_io.py: identical safetensors bytes, killed writers'
+temporaries; test_tune_resume.py: a resumed run's first loss, checkpoints gone before the manifest); two processes
+writing one output at once are refused in test_trust.py (test_cli_writers_refuse_a_locked_output)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model, tiny_tokenizer
+from test_cli import run_cli
+from weightwise.io.folders import save
+
+
+@pytest.fixture(scope="module")
+def crash():
+    """bench/crash.py as a module."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "crash.py"
+    spec = importlib.util.spec_from_file_location("bench_crash", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_crash"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_crash", None)
+
+
+@pytest.fixture(scope="module")
+def inputs(crash, tmp_path_factory):
+    return crash.build_fixture(tmp_path_factory.mktemp("crash"), hidden=128, layers=4)
+
+
+def killed_and_rerun(crash, command, inputs, ref, folder, kill_after, armed=None):
+    """Run ``command`` into ``folder/OUT``, SIGKILL it ``kill_after`` s after its lock (or ``armed()``), run it
+    again; returns (killed run, rerun, output)."""
+    out = folder / crash.output_name(command)
+    folder.mkdir()
+    killed = crash.run_once(command, inputs, out, ref, kill_after, folder / "log.txt", armed=armed)
+    rerun = crash.run_once(command, inputs, out, ref, None, folder / "log.txt")
+    assert rerun.returncode == 0, (folder / "log.txt").read_text()
+    return killed, rerun, out
+
+
+def reference(crash, command, inputs, folder, capsys, monkeypatch) -> Path:
+    """The uninterrupted output, written by the CLI in this process."""
+    folder.mkdir()
+    out = folder / crash.output_name(command)
+    code, _, err = run_cli(capsys, monkeypatch, *crash.command_args(command, inputs, out))
+    assert code == 0, err
+    return out
+
+
+def test_killed_gptq_quantization_resumes_to_the_uninterrupted_run(crash, inputs, capsys, monkeypatch, tmp_path):
+    ref = reference(crash, "quantize", inputs, tmp_path / "ref", capsys, monkeypatch)
+    out = tmp_path / "trial" / "out"
+    killed, rerun, out = killed_and_rerun(crash, "quantize", inputs, ref, tmp_path / "trial", random.Random(0).uniform(0, 0.03),
+                                          armed=lambda: crash.resumable("quantize", out))
+    assert killed.killed and rerun.resumable_before  # killed after its first block, so the rerun resumed
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["resumed_at_block"] >= 1
+    assert killed.partial == [] and rerun.partial == []
+    assert crash.compare_outputs("quantize", out, ref) == []  # byte for byte, but its date, time and resume point
+    assert crash.leftovers("quantize", out) == []  # no lock, no block checkpoints, no temporary folder
+
+
+def test_killed_gguf_export_ends_with_the_same_file_and_nothing_beside_it(crash, inputs, capsys, monkeypatch, tmp_path):
+    ref = reference(crash, "export", inputs, tmp_path / "ref", capsys, monkeypatch)
+    killed, rerun, out = killed_and_rerun(crash, "export", inputs, ref, tmp_path / "trial", random.Random(1).uniform(0, 0.1))
+    assert killed.partial == [] and rerun.partial == []
+    assert crash.compare_outputs("export", out, ref) == []  # the .gguf byte for byte, its .json report too
+    assert crash.leftovers("export", out) == []  # no lock, no temporary file of the killed run
+
+
+def test_harness_sees_a_partial_output(crash, inputs, tmp_path):
+    """The check that the trials rely on finds a folder missing a file and a cut-short file."""
+    ref = tmp_path / "ref" / "out"
+    save(tiny_model(), ref, tokenizer=tiny_tokenizer())
+    out = tmp_path / "trial" / "out"
+    save(tiny_model(), out, tokenizer=tiny_tokenizer())
+    assert crash.partial_outputs("patch", out, ref) == []
+    (out / "config.json").unlink()
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    found = crash.partial_outputs("patch", out, ref)
+    assert any("config.json: missing" in f for f in found) and any("model.safetensors: unreadable" in f for f in found)
