@@ -82,6 +82,8 @@ class LazyWeights:
 
 def check_finite_tensor(name: str, tensor: torch.Tensor, where: str | Path) -> None:
     """Refuse NaN/Inf values (a finite sum proves a tensor finite; the full check only runs if not)."""
+    if tensor.is_floating_point() and tensor.element_size() == 1 and not tensor.is_meta:
+        tensor = tensor.float()  # float8: torch has no sum for it on the CPU
     if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
         raise WeightwiseError(
             f"weight '{name}' loaded from '{where}' has NaN/Inf values; the checkpoint is damaged: re-create or re-download it"
@@ -159,6 +161,9 @@ def materialize(module: nn.Module, prefix: str, weights: LazyWeights, ties: Mapp
         if tuple(value.shape) != tuple(current.shape):
             raise WeightwiseError(f"'{weights.folder}': tensor '{name}' has shape {tuple(value.shape)}, the model "
                                   f"expects {tuple(current.shape)}; its config.json does not match the weights")
+        if value.is_floating_point() != current.is_floating_point():  # float codes, integer weights: a damaged file
+            raise WeightwiseError(f"'{weights.folder}': tensor '{name}' is stored as {value.dtype}, the model expects "
+                                  f"{current.dtype}; the file is damaged: re-create or re-download it")
         set_tensor(module, key, value.to(dtype or current.dtype) if value.is_floating_point() else value)
     for name, first in shared.items():
         owner_name, _, attr = local[name].rpartition(".")
