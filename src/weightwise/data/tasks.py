@@ -177,14 +177,15 @@ def load_examples(path: str | Path) -> list[Example | str]:
     if not path.is_file():
         raise WeightwiseError(f"task file {path} not found: pass an existing .jsonl file or 'arithmetic'")
     examples: list[Example | str] = []
-    number = 0
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    examples.append(parse_record(line, f"{path} line {number}"))
-    except UnicodeDecodeError:
-        raise WeightwiseError(f"task file {path} is not UTF-8 text (after line {number}): convert it to UTF-8") from None
+    with path.open("rb") as lines:  # decoded line by line, so that invalid UTF-8 is reported at its line
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise WeightwiseError(f"{path} line {number} is not UTF-8 text (byte {err.start} of the line): "
+                                      "convert the file to UTF-8") from None
+            if line.strip():
+                examples.append(parse_record(line, f"{path} line {number}"))
     if not examples:
         raise WeightwiseError(f"task file {path} holds no examples: write one JSON object per line")
     return examples
