@@ -48,14 +48,13 @@ class LazyWeights:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         self.files: dict[str, Path] = {}
-        self._layout: dict[str, tuple[torch.dtype | None, tuple[int, ...]]] = {}
+        self._dtypes: dict[str, torch.dtype | None] = {}
         for file in files:
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        view = f.get_slice(name)
                         self.files[name] = file
-                        self._layout[name] = (_DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+                        self._dtypes[name] = _DTYPES.get(f.get_slice(name).get_dtype())
             except (SafetensorError, OSError) as err:
                 raise WeightwiseError(f"'{file}' is truncated or corrupt ({err}); re-create or re-download it") from None
 
@@ -64,10 +63,7 @@ class LazyWeights:
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of ``name`` (None for a dtype torch lacks)."""
-        return self._layout[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._layout[name][1]
+        return self._dtypes[name]
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (a fresh CPU tensor); NaN/Inf values are refused naming it."""

@@ -30,6 +30,7 @@ from weightwise.quantize.calibration import (
     device_of,
     float32_parts,
     layer_sequential,
+    return_freed_memory,
     run_block,
 )
 from weightwise.quantize.checkpoint import BlockCheckpoint
@@ -298,6 +299,7 @@ class QuantizeJob:
         blocks, by_block = _targets_by_block(self.model, self.modules, self.plan)
         start_block = checkpoint.progress()[0]
         for index, (block_name, block) in enumerate(blocks):
+            return_freed_memory()
             store.open(index, block_name, block, quantized=index < start_block)
             if index >= start_block:
                 done = {name: self.quantize_layer(name, None) for name in by_block[block_name]}

@@ -10,7 +10,6 @@ Peak memory: one float32 block (or the embeddings), the calibration activations 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,8 +18,6 @@ from torch import nn
 
 from weightwise.io.lazy import LazyWeights, NotStreamable, materialize, tied_names
 from weightwise.quantize.recipe import QuantRecipe
-
-logger = logging.getLogger(__name__)
 
 
 def check_streamable(recipe: QuantRecipe) -> None:
@@ -42,6 +39,7 @@ class StreamedBlocks:
                  restore: Callable[[int, str], None] | None = None):
         self.weights, self.device, self.restore = weights, device, restore
         self.ties = tied_names(model)
+        self._opened: list[nn.Module] = []  # the block's modules at its opening: layers replaced in its turn too
 
     @contextmanager
     def capture(self, model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]:
@@ -67,6 +65,7 @@ class StreamedBlocks:
                 setattr(module, attr, tensor)
 
     def open(self, index: int, name: str, block: nn.Module, quantized: bool) -> None:
+        self._opened = list(block.modules())
         if quantized:
             if self.restore is None:
                 raise ValueError(f"block {name} was quantized by an earlier run, and there is nothing to restore it from")
@@ -77,4 +76,7 @@ class StreamedBlocks:
             block.to(self.device)
 
     def close(self, index: int, name: str, block: nn.Module) -> None:
-        block.to("meta")
+        """Empty the block, and the float layers its quantized ones replaced (the job still names them)."""
+        for module in (*self._opened, block):
+            module.to("meta")
+        self._opened = []
