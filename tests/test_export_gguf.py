@@ -152,6 +152,15 @@ def test_existing_output_unsupported_architecture_and_missing_tokenizer(tmp_path
     assert not (tmp_path / "n.gguf").exists()
 
 
+def test_a_killed_exports_temporaries_are_removed_by_the_next_export(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name in (f".m.gguf.tmp-{gone.pid}", f".m.gguf.json.tmp-{gone.pid}"):  # the file and its report, cut short
+        (tmp_path / name).write_bytes(b"cut short")
+    export_gguf(quantize(llama(), EXACT_RECIPES["Q4_0"]), TOKENIZER, tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.json"]
+
+
 def test_dense_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
     qmodel = quantize(llama(), {"format": "int3", "group_size": 32, "lorc_rank": 2})
     export(qmodel, TOKENIZER, "hf", tmp_path / "dense")

@@ -137,7 +137,8 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
         raise WeightwiseError(f"architecture '{model_type}' has no GGUF exporter (supported: {', '.join(sorted(GGUF_FAMILIES))}); "
                               "export it with --to hf or --to compressed-tensors instead")
     tensors, fallback_layers = _plan_tensors(model, family, config)
-    with output_lock(path):  # makes the parent folder; another process writing ``path`` is refused
+    sidecar = path.with_name(path.name + ".json")  # the report, written under its own lock too: a killed
+    with output_lock(path), output_lock(sidecar):  # writer's temporaries of either go at the next export
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # created by the writer with the usual permissions
         try:
             _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
@@ -151,11 +152,11 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
             if is_write_error(err, path.parent):
                 raise output_error(path, err) from err
             raise
-    write_json_atomic(path.with_name(path.name + ".json"), {
-        "kind": "gguf-export", "config": config.model_dump(), "versions": environment_versions(),
-        "recipe": quantization_record(model).recipe if quantization_record(model) else None,
-        **report.model_dump(),
-    })
+        write_json_atomic(sidecar, {
+            "kind": "gguf-export", "config": config.model_dump(), "versions": environment_versions(),
+            "recipe": quantization_record(model).recipe if quantization_record(model) else None,
+            **report.model_dump(),
+        })
     logger.info("wrote %s (%d tensors, %d exact)", path, len(report.tensors), report.exact_layers)
     return report
 
