@@ -19,7 +19,9 @@ from weightwise.quantize.stream import StreamedBlocks
 TEXT = "some calibration text for the tiny model, streamed or not. " * 40
 GPTQ = {"format": "int4", "group_size": 32, "method": "gptq", "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2}}
 RECIPES = {"rtn": {"format": "int4", "group_size": 32}, "gptq": GPTQ,
-           "awq": {**GPTQ, "format": "int3", "method": "awq"}}
+           "awq": {**GPTQ, "format": "int3", "method": "awq"},
+           "gptq-all": {**GPTQ, "lorc_rank": 2, "bias_correction": True, "block_tune": {"epochs": 2},
+                        "calibration": {**GPTQ["calibration"], "true_sequential": True}}}
 
 
 @pytest.fixture(params=["bf16", "fp32"])
@@ -75,13 +77,15 @@ def test_streamed_run_is_the_in_memory_run_bit_for_bit(source, method, tmp_path)
     assert not (tmp_path / ".streamed.partial").exists()
 
 
-def test_awq_streams_too(tmp_path):
+@pytest.mark.parametrize("method", ["awq", "gptq-all"])
+def test_awq_and_every_block_step_stream_too(method, tmp_path):
+    """AWQ (norms rescaled), and GPTQ with LoRC, bias correction, true-sequential stages and block tuning."""
     path = tmp_path / "tiny"
     tiny_model().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
-    memory = in_memory(path, RECIPES["awq"], tmp_path / "memory")
-    quantize_streamed(path, RECIPES["awq"], tmp_path / "streamed", calibration=TEXT)
-    assert_same_tensors(memory, tmp_path / "streamed")  # including the norms AWQ rescaled
+    memory = in_memory(path, RECIPES[method], tmp_path / "memory")
+    quantize_streamed(path, RECIPES[method], tmp_path / "streamed", calibration=TEXT)
+    assert_same_tensors(memory, tmp_path / "streamed")
 
 
 def test_calibration_math_is_float32_whatever_the_model_dtype(tmp_path):
