@@ -70,7 +70,7 @@ def test_the_layer_fake_quantizes_the_merged_weight_and_trains_only_the_pair_and
     start = (weight, *float_scales(quantize_tensor(weight, spec)))
     layer = LoraFakeQuantLinear(*start, None, spec, True, 2, 4.0, torch.Generator().manual_seed(1))
     assert layer.scaling == 2.0 and not layer.weight.requires_grad
-    assert torch.equal(layer.merged_weight(), weight)  # B = 0: training starts at the quantized W0
+    assert torch.equal(layer.latent(), weight)  # B = 0: training starts at the quantized W0
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
     merged = weight + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()

@@ -127,7 +127,51 @@ class FakeQuantLinear(nn.Module):
         return f"in={self.shape[1]}, out={self.shape[0]}, format={self.spec.format}, frozen={self.frozen_count()}"
 
 
-class QATMethod(AdamWMethod):
+class QuantizedRunMethod(AdamWMethod):
+    """What qat and qat-lora share: the check that every target's shape fits the quantizer's groups, and the result,
+    an ordinary quantized run ``OUT/model`` of each :class:`FakeQuantLinear`'s final codes and stored scales.
+    Subclasses set ``model``, ``layers`` (name → FakeQuantLinear) and ``started`` in ``prepare``."""
+
+    def check_layouts(self, targets: dict[str, nn.Linear]) -> None:
+        for name, linear in targets.items():
+            try:
+                group_layout(tuple(linear.weight.shape), self.settings.spec)
+            except WeightwiseError as err:
+                raise WeightwiseError(f"{name}: {err}") from None
+
+    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
+        """The quantized run ``out_dir/model``: every target's QuantizedLinear of its final codes and stored scales
+        (SQNR against the final latent weights), saved as `weightwise quantize` saves its runs."""
+        from weightwise.io.folders import save
+        from weightwise.quantize.api import weight_sqnr_db
+        from weightwise.quantize.recipe import QuantRecipe
+        from weightwise.records import LayerRecord, QuantizationRecord, attach_record, drop_record
+
+        settings = self.settings
+        quantized, layers = {}, {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                quantized[name] = layer.to_quantized()
+                layers[name] = LayerRecord(
+                    spec=settings.spec, stored_bits=quantized[name].stored_bits(),
+                    sqnr_db=weight_sqnr_db(layer.latent(), quantized[name].dequantized_weight()),
+                    diagnostics={"qat": {"frozen": layer.frozen_count()}})
+        recipe = QuantRecipe(format=settings.format, granularity=settings.granularity, group_size=settings.group_size,
+                             targets=self.config.targets).model_dump(mode="json")
+        record = QuantizationRecord(
+            recipe={**recipe, "method": settings.model_dump(mode="json")}, layers=layers,
+            source_fingerprint=metadata["base_model_hash"], quantize_seconds=time.perf_counter() - self.started,
+            device=str(next(iter(self.layers.values())).weight.device))
+        with installed(self.model, quantized):
+            attach_record(self.model, record)
+            try:
+                save(self.model, Path(out_dir) / MODEL_DIR, tokenizer=tokenizer, tune=metadata)
+            finally:
+                drop_record(self.model)
+        return [MODEL_DIR]
+
+
+class QATMethod(QuantizedRunMethod):
     """The loop's hooks for qat: AdamW on the latent weights (with the config's weight decay) and the scales and
     offsets (without); oscillation tracking and freezing after each step; the dampening loss's gradient added to
     the step's gradients."""
@@ -136,11 +180,7 @@ class QATMethod(AdamWMethod):
         freeze(model)
         spec, settings = self.settings.spec, self.settings
         self.started = time.perf_counter()
-        for name, linear in targets.items():
-            try:
-                group_layout(tuple(linear.weight.shape), spec)
-            except WeightwiseError as err:
-                raise WeightwiseError(f"{name}: {err}") from None
+        self.check_layouts(targets)
         # a resumed run's values come from its checkpoint: round-to-nearest only lays the tensors out
         start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
         logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
@@ -268,36 +308,6 @@ class QATMethod(AdamWMethod):
             for key, value in self.tracking[name].items():
                 state["tensors"][f"track.{name}.{key}"] = value
         return state
-
-    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
-        """The quantized run ``out_dir/model``: every target's QuantizedLinear of its final codes and stored scales
-        (SQNR against the final latent weights), saved as `weightwise quantize` saves its runs."""
-        from weightwise.io.folders import save
-        from weightwise.quantize.api import weight_sqnr_db
-        from weightwise.quantize.recipe import QuantRecipe
-        from weightwise.records import LayerRecord, QuantizationRecord, attach_record, drop_record
-
-        settings = self.settings
-        quantized, layers = {}, {}
-        for name, layer in self.layers.items():
-            quantized[name] = layer.to_quantized()
-            layers[name] = LayerRecord(
-                spec=settings.spec, stored_bits=quantized[name].stored_bits(),
-                sqnr_db=weight_sqnr_db(layer.weight.detach(), quantized[name].dequantized_weight()),
-                diagnostics={"qat": {"frozen": layer.frozen_count()}})
-        recipe = QuantRecipe(format=settings.format, granularity=settings.granularity, group_size=settings.group_size,
-                             targets=self.config.targets).model_dump(mode="json")
-        record = QuantizationRecord(
-            recipe={**recipe, "method": settings.model_dump(mode="json")}, layers=layers,
-            source_fingerprint=metadata["base_model_hash"], quantize_seconds=time.perf_counter() - self.started,
-            device=str(next(iter(self.layers.values())).weight.device))
-        with installed(self.model, quantized):
-            attach_record(self.model, record)
-            try:
-                save(self.model, Path(out_dir) / MODEL_DIR, tokenizer=tokenizer, tune=metadata)
-            finally:
-                drop_record(self.model)
-        return [MODEL_DIR]
 
 
 @contextmanager

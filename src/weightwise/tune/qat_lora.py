@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from weightwise.errors import WeightwiseError
 from weightwise.formats.base import QuantSpec
-from weightwise.formats.quantizer import group_layout
-from weightwise.tune.base import AdamWMethod, freeze
-from weightwise.tune.qat import MODEL_DIR, FakeQuantLinear, initial_quantizers, installed
+from weightwise.tune.base import freeze
+from weightwise.tune.qat import FakeQuantLinear, QuantizedRunMethod, initial_quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +40,16 @@ class LoraFakeQuantLinear(FakeQuantLinear):
         self.lora_B = nn.Parameter(torch.zeros(rows, rank, device=self.weight.device))
         self.scaling = alpha / rank
 
-    def merged_weight(self) -> torch.Tensor:
-        """W0 + (alpha/r)·B·A, the latent weight that is quantized (differentiable in A and B)."""
-        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
-
     def latent(self) -> torch.Tensor:
-        """The merged weight: what FakeQuantLinear's grid, forward and result quantize."""
-        return self.merged_weight()
+        """The merged weight W0 + (alpha/r)·B·A (differentiable in A and B): what FakeQuantLinear's grid, forward and
+        result quantize."""
+        return self.weight + self.scaling * (self.lora_B @ self.lora_A)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.lora_A.shape[0]}, scaling={self.scaling:g}"
 
 
-class QATLoraMethod(AdamWMethod):
+class QATLoraMethod(QuantizedRunMethod):
     """The loop's hooks for qat-lora: AdamW on the adapters (with the config's weight decay) and on the scales and
     offsets (without, LSQ/LSQ+); the frozen W0 has no gradient and no optimizer state."""
 
@@ -64,11 +58,7 @@ class QATLoraMethod(AdamWMethod):
         settings = self.settings
         spec = settings.spec
         self.started = time.perf_counter()
-        for name, linear in targets.items():
-            try:
-                group_layout(tuple(linear.weight.shape), spec)
-            except WeightwiseError as err:
-                raise WeightwiseError(f"{name}: {err}") from None
+        self.check_layouts(targets)
         # W0 comes from the init also when resuming (a checkpoint holds the trained tensors only)
         start = initial_quantizers(model, targets, spec, settings.init)
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -93,33 +83,3 @@ class QATLoraMethod(AdamWMethod):
     def param_groups(self):
         groups = [{"params": list(self.adapters.values())}]
         return groups + ([{"params": list(self.quantizers.values()), "weight_decay": 0.0}] if self.quantizers else [])
-
-    def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
-        """The quantized run ``out_dir/model``: every target's QuantizedLinear of its final codes and stored scales
-        (SQNR against the final merged weights), saved as `weightwise quantize` (and qat) save their runs."""
-        from weightwise.io.folders import save
-        from weightwise.quantize.api import weight_sqnr_db
-        from weightwise.quantize.recipe import QuantRecipe
-        from weightwise.records import LayerRecord, QuantizationRecord, attach_record, drop_record
-
-        settings = self.settings
-        quantized, layers = {}, {}
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                quantized[name] = layer.to_quantized()
-                layers[name] = LayerRecord(
-                    spec=settings.spec, stored_bits=quantized[name].stored_bits(),
-                    sqnr_db=weight_sqnr_db(layer.merged_weight(), quantized[name].dequantized_weight()))
-        recipe = QuantRecipe(format=settings.format, granularity=settings.granularity, group_size=settings.group_size,
-                             targets=self.config.targets).model_dump(mode="json")
-        record = QuantizationRecord(
-            recipe={**recipe, "method": settings.model_dump(mode="json")}, layers=layers,
-            source_fingerprint=metadata["base_model_hash"], quantize_seconds=time.perf_counter() - self.started,
-            device=str(next(iter(self.layers.values())).weight.device))
-        with installed(self.model, quantized):
-            attach_record(self.model, record)
-            try:
-                save(self.model, Path(out_dir) / MODEL_DIR, tokenizer=tokenizer, tune=metadata)
-            finally:
-                drop_record(self.model)
-        return [MODEL_DIR]
