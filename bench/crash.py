@@ -468,7 +468,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['command']} | {row['work_seconds']:.1f} | {row['trials']} | {row['runs']} | {row['kills']} "
+        lines.append(f"| {row['command']} | {row['work_seconds']:.2f} | {row['trials']} | {row['runs']} | {row['kills']} "
                      f"| {row['resumes']} | {row['finished']} | {row['killed_after_finishing']} | {row['identical']} "
                      f"| {row['partial_seen']} | {row['refused_reruns']} | {row['leftovers']} |")
     lines += ["", "Fields allowed to differ from the uninterrupted run (JSON, by file name; everything else byte for byte):", ""]
