@@ -139,6 +139,7 @@ def quantize_cmd(
     rerunning the same command after a kill resumes at the next unfinished block (a streamed run: every method).
     """
     from weightwise.evaluate.size import model_size
+    from weightwise.heap import mmap_allocations_from
     from weightwise.io.artifacts import output_lock
     from weightwise.io.folders import save
     from weightwise.io.lazy import NotStreamable
@@ -161,6 +162,9 @@ def quantize_cmd(
     if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     work_device = _work_device(device)
+    # a freed tensor's memory goes back to the OS at once: quantizing block by block frees and allocates tensors of
+    # many sizes, and glibc's heap would keep the fragments (SmolLM2-135M streamed GPTQ: peak 1.13 GB → 0.80 GB)
+    mmap_allocations_from(1 << 20)
     with output_lock(output):  # from the first block checkpoint to the saved folder: a second run into it is refused
         checkpoint, source = output.parent / f".{output.name}.partial", model_source_info(model)
         qmodel = None

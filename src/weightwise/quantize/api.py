@@ -19,6 +19,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.lowrank import low_rank_compensation
 from weightwise.formats.quantizer import check_finite, dequantize, group_layout
+from weightwise.heap import return_freed_memory
 from weightwise.io.artifacts import state_dict_fingerprint
 from weightwise.qlinear import QuantizedLinear
 from weightwise.quantize.blocktune import tune_block
@@ -30,7 +31,6 @@ from weightwise.quantize.calibration import (
     device_of,
     float32_parts,
     layer_sequential,
-    return_freed_memory,
     run_block,
 )
 from weightwise.quantize.checkpoint import BlockCheckpoint

@@ -22,8 +22,6 @@ reads each block from the checkpoint for its turn and writes and frees it afterw
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import inspect
 import logging
 from collections.abc import Callable, Collection, Iterator
@@ -37,6 +35,7 @@ from torch import nn
 
 from weightwise.architectures import FAMILIES
 from weightwise.errors import WeightwiseError
+from weightwise.heap import return_freed_memory
 from weightwise.qlinear import QuantizedLinear, dequantized_once
 
 logger = logging.getLogger(__name__)
@@ -410,7 +409,7 @@ def layer_sequential(
     if device is not None:
         inputs = send_to_device(inputs, device)
     for index, (name, block) in enumerate(blocks):
-        return_freed_memory()
+        return_freed_memory()  # what the last phase freed (SmolLM2-135M: ~40 MB of fragments a block otherwise)
         store.open(index, name, block, quantized=index < start_block)
         if index >= start_block:
             linears = targets_by_block.get(name, {})
@@ -426,19 +425,6 @@ def layer_sequential(
             inputs = run_block(block, inputs, replace=True)
         store.close(index, name, block)
     return_freed_memory()
-
-
-def return_freed_memory() -> None:
-    """Hand the C heap's free memory back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    glibc keeps freed memory for reuse, and the phases of a block's turn (statistics pass, quantization, output
-    pass) free and allocate tensors of other sizes, so without this the resident size grows by the fragments each
-    phase and block leave (SmolLM2-135M, streamed GPTQ with 128 × 512 tokens: ~40 MB a block, 30 blocks).
-    """
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
 
 
 def device_of(module: nn.Module) -> torch.device | None:
