@@ -107,13 +107,13 @@ def markdown(results: dict) -> str:
         f"`weightwise quantize default {' '.join(RECIPE)} --calib {s['calib']}`, {s['threads']} thread(s), "
         "peak RSS from `/usr/bin/time -v` (wall time: a shared, busy machine; user time is the steadier figure).",
         "",
-        "| row | revision | extra options | peak RSS (MB) | wall (s) | user (s) | same tensors as in-memory |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| row | revision | extra options | peak RSS (MiB) | wall (s) | user (s) | system (s) | same tensors as in-memory |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in results["rows"].values():
         same = {True: "yes", False: "**no**", None: "–"}[row.get("same_as_in_memory")]
         lines.append(f"| {row['name']} | {row.get('revision', s['before'])} | {' '.join(ROWS[row['name']]) or '–'} | {row['peak_rss_mb']:.0f} | "
-                     f"{row['wall_s']:.0f} | {row['user_s']:.0f} | {same} |")
+                     f"{row['wall_s']:.0f} | {row['user_s']:.0f} | {row['system_s']:.0f} | {same} |")
     return "\n".join(lines) + "\n"
 
 
