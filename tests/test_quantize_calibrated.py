@@ -103,9 +103,10 @@ def test_run_killed_after_its_last_block_resumes_to_the_same_model(tmp_path, mon
         patched.setattr("weightwise.quantize.checkpoint.BlockCheckpoint.clear", killed)
         with pytest.raises(KeyboardInterrupt):
             quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
-    resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint)
+    resumed = quantize(model, recipe, calibration=calib, checkpoint_dir=checkpoint, keep_checkpoint=True)
     assert quantization_record(resumed).calibration.resumed_at_block == 2
     assert quantization_record(resumed).layers == quantization_record(reference).layers
+    assert (checkpoint / "progress.json").is_file()  # kept for a caller that deletes it once the model is saved
     ref_layers = {n: m for n, m in reference.named_modules() if isinstance(m, QuantizedLinear)}
     layers = {n: m for n, m in resumed.named_modules() if isinstance(m, QuantizedLinear)}
     assert layers.keys() == ref_layers.keys()

@@ -64,6 +64,12 @@ def _progress(description: str):
         yield update
 
 
+@contextmanager
+def _no_progress(description: str):
+    """What :func:`_progress` yields, showing nothing (processes other than the first under a launcher)."""
+    yield lambda done, total, item="": None
+
+
 def _load(source: str, allow_pickle: bool = False, trust_remote_code: bool = False, dtype="float32"):
     import torch
 
@@ -137,7 +143,13 @@ def quantize_cmd(
 
     Calibrated methods (gptq, awq, fpsearch) checkpoint every finished decoder block next to the output folder:
     rerunning the same command after a kill resumes at the next unfinished block (a streamed run: every method).
+    Runs unchanged on N processes under `torchrun --nproc_per_node N -m weightwise.cli quantize ...` (gloo on CPU,
+    nccl on GPUs): each calibrates on its share of the batches and quantizes its share of each block's layers;
+    process 0 writes.
     """
+    from contextlib import nullcontext
+
+    from weightwise.comm import Comm
     from weightwise.evaluate.size import model_size
     from weightwise.heap import mmap_allocations_from
     from weightwise.io.artifacts import output_lock
@@ -145,6 +157,7 @@ def quantize_cmd(
     from weightwise.io.lazy import NotStreamable
     from weightwise.io.models import model_source_info
     from weightwise.quantize.api import quantize, quantize_streamed
+    from weightwise.quantize.checkpoint import remove_checkpoint
     from weightwise.records import quantization_record
 
     if search_fp and method not in (None, "fpsearch"):
@@ -162,7 +175,10 @@ def quantize_cmd(
     if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     work_device = _work_device(device)
-    with output_lock(output):  # from the first block checkpoint to the saved folder: a second run into it is refused
+    comm = Comm.from_environment(work_device)
+    show = _progress if comm.is_main else _no_progress
+    # from the first block checkpoint to the saved folder a second run into it is refused; process 0 alone writes
+    with output_lock(output) if comm.is_main else nullcontext():
         checkpoint, source = output.parent / f".{output.name}.partial", model_source_info(model)
         qmodel = None
         if stream or (stream is None and not trust_remote_code):
@@ -171,20 +187,24 @@ def quantize_cmd(
             # ~25 % more CPU time in page faults; not worth it for the whole model in memory: 1.45 → 1.35 GB)
             mmap_allocations_from(1 << 20)
             try:
-                with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) block by block on {work_device}") as update:
+                with show(f"quantizing ({recipe.method.name}, {recipe.format}) block by block on {work_device}") as update:
                     qmodel = quantize_streamed(model, recipe, output, checkpoint_dir=checkpoint, progress=update,
-                                               device=work_device, source=source)
+                                               device=work_device, comm=comm, source=source)
             except NotStreamable as why:
                 if stream:
                     raise
                 logger.info("loading the whole model: %s", why)
         if qmodel is None:
             model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code, dtype="auto")
-            with _progress(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
-                qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, progress=update,
-                                  device=work_device, inplace=True)
-            save(qmodel, output, tokenizer=tokenizer, source=source, metrics={"size": model_size(qmodel)})
+            with show(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+                qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, keep_checkpoint=True,
+                                  progress=update, device=work_device, inplace=True, comm=comm)
+            if comm.is_main:
+                save(qmodel, output, tokenizer=tokenizer, source=source, metrics={"size": model_size(qmodel)})
+                remove_checkpoint(checkpoint)  # only now: a kill before the save resumes from it
         size = model_size(qmodel)
+    if not comm.is_main:
+        return
     info = quantization_record(qmodel).summary()
     summary = Table(show_header=False, title=f"{output}")
     summary.add_row("layers quantized", str(info["layers"]))
@@ -217,6 +237,7 @@ def eval_cmd(
     window: Annotated[Optional[int], typer.Option(help=_E["window"].description)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_E["batch_size"].description)] = None,
     speed: Annotated[Optional[bool], typer.Option("--speed/--no-speed", help=_E["measure_speed"].description)] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help=_E["stream"].description)] = None,
     config: ConfigOpt = None,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
@@ -226,7 +247,7 @@ def eval_cmd(
     from weightwise.evaluate.report import write_report
 
     cfg = _build(EvalConfig, config, _given(text=text, split=split, max_tokens=max_tokens, window=window,
-                                            batch_size=batch_size, measure_speed=speed))
+                                            batch_size=batch_size, measure_speed=speed, stream=stream))
 
     def load(source: str):
         return _load(source, allow_pickle, trust_remote_code)

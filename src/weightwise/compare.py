@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from weightwise.evaluate import evaluate, reference_outputs, reference_result, token_windows
+from weightwise.evaluate import StreamedModel, evaluate, reference_outputs, reference_result, token_windows
 from weightwise.evaluate.config import EvalConfig
 from weightwise.errors import WeightwiseError
 from weightwise.quantize.api import quantize
@@ -96,6 +96,11 @@ def run_fields(record: QuantizationRecord) -> dict:
             "quantize_device": record.device}
 
 
+def _open_streamed(source: str) -> tuple[StreamedModel, object]:
+    streamed = StreamedModel.open(source)
+    return streamed, streamed.skeleton.tokenizer
+
+
 def evaluate_sources(
     sources: list[str],
     config: EvalConfig,
@@ -106,7 +111,10 @@ def evaluate_sources(
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One row per source (a model or run folder, loaded by ``load``): perplexity, size, speed and, with a
-    ``reference`` source, KL and top-1 agreement to it on the same windows. Models are loaded one at a time."""
+    ``reference`` source, KL and top-1 agreement to it on the same windows. Models are loaded one at a time; with
+    ``config.stream`` each is read block by block instead (:class:`~weightwise.evaluate.StreamedModel`)."""
+    if config.stream:
+        load = _open_streamed
     text = config.load_text()
     ref_outputs = None
     if reference is not None:
@@ -123,7 +131,7 @@ def evaluate_sources(
         result = evaluate(model, tokenizer, text=text, reference=ref_outputs, max_tokens=config.max_tokens,
                           window=config.window, batch_size=config.batch_size, measure_speed=config.measure_speed,
                           progress=progress)
-        record = quantization_record(model)
+        record = quantization_record(model.model if isinstance(model, StreamedModel) else model)
         rows.append({"name": source, **result.model_dump(), **(run_fields(record) if record else {})})
         if on_row:
             on_row(rows[-1])

@@ -20,11 +20,13 @@ from weightwise.evaluate.perplexity import log_probs, perplexity, target_nll, to
 from weightwise.evaluate.report import load_metrics, write_report
 from weightwise.evaluate.size import model_size
 from weightwise.evaluate.speed import ForwardTimer, eval_mode, forward_logits
+from weightwise.evaluate.streamed import StreamedModel
 from weightwise.qlinear import dequantized_once
 
 __all__ = [
     "EvalResult",
     "ReferenceOutputs",
+    "StreamedModel",
     "evaluate",
     "load_metrics",
     "model_size",
@@ -81,25 +83,26 @@ class ReferenceOutputs:
 
 
 def reference_outputs(
-    ref_model: nn.Module,
+    ref_model: nn.Module | StreamedModel,
     windows: torch.Tensor,
     batch_size: int = 4,
     measure_speed: bool = False,
     progress: Progress | None = None,
 ) -> ReferenceOutputs:
-    """Run ``ref_model`` once over ``windows`` and keep what ``evaluate`` compares candidates against."""
+    """Run ``ref_model`` once over ``windows`` and keep what ``evaluate`` compares candidates against (a
+    :class:`StreamedModel` runs block by block; its speed is not measured)."""
     _check_batch_size(batch_size)
     _check_language_model(ref_model)
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     fp16_min = torch.finfo(torch.float16).min
     timer = ForwardTimer()
     with _inference(ref_model):
-        for start in range(0, len(windows), batch_size):
-            lp, top1, nll = _reference_batch(ref_model, windows[start : start + batch_size], timer)
+        for start, batch, logits in _batch_logits(ref_model, windows, batch_size, timer):
+            lp, top1, nll = _scored(logits, batch)
             parts.append((lp.clamp(min=fp16_min).half().cpu(), top1.cpu(), nll.cpu()))
             if progress is not None:
                 progress(min(start + batch_size, len(windows)), len(windows))
-    speed = timer.tokens_per_second() if measure_speed else None
+    speed = timer.tokens_per_second() if measure_speed and not isinstance(ref_model, StreamedModel) else None
     lps, top1s, nlls = zip(*parts)
     return ReferenceOutputs(
         windows=windows.clone(),
@@ -133,10 +136,10 @@ def reference_result(ref_model: nn.Module, outputs: ReferenceOutputs, seconds: f
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | StreamedModel,
     tokenizer,
     text: str | list[str] | None = None,
-    reference: nn.Module | ReferenceOutputs | None = None,
+    reference: nn.Module | StreamedModel | ReferenceOutputs | None = None,
     max_tokens: int | None = None,
     window: int = 512,
     batch_size: int = 4,
@@ -147,11 +150,12 @@ def evaluate(
     its KL divergence and top-1 agreement with ``reference`` (a model, or its precomputed
     ``reference_outputs`` on the same windows), its size, and its forward speed.
 
-    ``progress(done, total)`` is called after each batch of windows.
+    ``progress(done, total)`` is called after each batch of windows. A :class:`StreamedModel` (as model or reference)
+    is evaluated block by block over all the windows, never whole in memory: the same figures, but no speed.
     """
     _check_batch_size(batch_size)
     _check_language_model(model)
-    if isinstance(reference, nn.Module):
+    if isinstance(reference, (nn.Module, StreamedModel)):
         _check_language_model(reference)
     started = time.perf_counter()
     if text is None:
@@ -163,18 +167,16 @@ def evaluate(
         raise WeightwiseError(
             "the reference outputs were computed on other windows: compute them from the same text, window and max_tokens"
         )
+    if isinstance(reference, StreamedModel):  # its outputs first: two models are never read at once
+        reference = reference_outputs(reference, windows, batch_size)
     ref_model = reference if isinstance(reference, nn.Module) else None
     totals = dict.fromkeys(("nll", "ref_nll", "kl", "agree"), 0.0)
     timer, ref_timer = ForwardTimer(), ForwardTimer()
     with _inference(model), _inference(ref_model):
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
-            with timer.measure(batch.numel()):
-                logits = forward_logits(model, batch)[:, :-1]
-            top1 = logits.argmax(-1)
-            lp = log_probs(logits)
+        for start, batch, logits in _batch_logits(model, windows, batch_size, timer):
+            lp, top1, nll = _scored(logits, batch)
             del logits
-            totals["nll"] += target_nll(lp, batch[:, 1:].to(lp.device)).double().sum().item()
+            totals["nll"] += nll.double().sum().item()
             if reference is not None:
                 ref_lp, ref_top1, ref_nll = (
                     _reference_batch(ref_model, batch, ref_timer)
@@ -194,7 +196,7 @@ def evaluate(
                 progress(min(start + batch_size, len(windows)), len(windows))
     n_scored = windows.shape[0] * (windows.shape[1] - 1)
     mean_nll = totals["nll"] / n_scored
-    speeds = _speeds(timer, ref_timer, reference) if measure_speed else {}
+    speeds = _speeds(timer, ref_timer, reference) if measure_speed and not isinstance(model, StreamedModel) else {}
     result = EvalResult(
         ppl=perplexity(mean_nll),
         mean_nll=mean_nll,
@@ -204,7 +206,7 @@ def evaluate(
         reference_ppl=perplexity(totals["ref_nll"] / n_scored) if reference is not None else None,
         kl_mean=totals["kl"] / n_scored if reference is not None else None,
         top1_agreement=totals["agree"] / n_scored if reference is not None else None,
-        **{k: v for k, v in model_size(model).items() if k != "linear_bits"},
+        **{k: v for k, v in model_size(_module(model)).items() if k != "linear_bits"},
         **speeds,
         eval_seconds=time.perf_counter() - started,
         python_version=platform.python_version(),
@@ -213,19 +215,47 @@ def evaluate(
     return result
 
 
+def _module(model: nn.Module | StreamedModel) -> nn.Module:
+    """The module (for a streamed model: its meta-device skeleton, for its structure and size)."""
+    return model.model if isinstance(model, StreamedModel) else model
+
+
+def _batch_logits(model: nn.Module | StreamedModel, windows: torch.Tensor, batch_size: int,
+                  timer: ForwardTimer) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first window, windows, logits of the scored predictions) per batch; the in-memory forward calls timed."""
+    if isinstance(model, StreamedModel):
+        starts = range(0, len(windows), batch_size)
+        for start, logits in zip(starts, model.batch_logits(windows, batch_size), strict=True):
+            yield start, windows[start : start + batch_size], logits[:, :-1]
+        return
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        with timer.measure(batch.numel()):
+            logits = forward_logits(model, batch)[:, :-1]
+        yield start, batch, logits
+
+
+def _scored(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 log-probs, top-1 ids and NLL of the scored predictions ``logits`` of ``batch``."""
+    lp = log_probs(logits)
+    return lp, logits.argmax(-1), target_nll(lp, batch[:, 1:].to(lp.device))
+
+
 @contextlib.contextmanager
-def _inference(model: nn.Module | None) -> Iterator[None]:
+def _inference(model: nn.Module | StreamedModel | None) -> Iterator[None]:
     """``model`` in eval mode with its quantized weights dequantized once for all batches, memory
-    allowing (same outputs, the float model's speed); nothing for None."""
-    if model is None:
+    allowing (same outputs, the float model's speed); nothing for None or a streamed model (its blocks are
+    dequantized once each as they run)."""
+    if model is None or isinstance(model, StreamedModel):
         yield
         return
     with eval_mode(model), dequantized_once(model):
         yield
 
 
-def _check_language_model(model: nn.Module) -> None:
+def _check_language_model(model: nn.Module | StreamedModel) -> None:
     """Perplexity needs next-token logits: refuse encoders (e.g. MiniLM) with a pointer to their harness."""
+    model = _module(model)
     get_head = getattr(model, "get_output_embeddings", None)
     if get_head is None or get_head() is None:
         raise WeightwiseError(f"{type(model).__name__} has no language-model head, so it has no perplexity: evaluate "
@@ -243,8 +273,7 @@ def _reference_batch(
     """Float32 log-probs, top-1 ids and NLL of the reference's scored predictions on ``batch``."""
     with timer.measure(batch.numel()):
         logits = forward_logits(ref_model, batch)[:, :-1]
-    lp = log_probs(logits)
-    return lp, logits.argmax(-1), target_nll(lp, batch[:, 1:].to(lp.device))
+    return _scored(logits, batch)
 
 
 def _stored_batch(ref: ReferenceOutputs, start: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

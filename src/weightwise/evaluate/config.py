@@ -26,6 +26,9 @@ class EvalConfig(BaseModel):
     window: int = Field(512, ge=2, description="Tokens per non-overlapping window.")
     batch_size: int = Field(4, ge=1, description="Windows per forward call.")
     measure_speed: bool = Field(True, description="Also time forward passes (tokens/s).")
+    stream: bool = Field(False, description="Read each model block by block and run every window through one block at a "
+                         "time (memory: one block and the windows' hidden states; for models larger than memory). Same "
+                         "figures, no speed. Hugging Face folders, hub ids, .gguf files and quantized runs.")
 
     def load_text(self) -> str:
         return join_documents(corpus(self.text, self.split))

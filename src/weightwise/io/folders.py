@@ -145,7 +145,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def load_quantized(path: str | os.PathLike):
     """Rebuild a quantized model saved by :func:`save`; returns (model, tokenizer or None)."""
+    skeleton = quantized_skeleton(path)
+    materialize(skeleton.model, "", skeleton.weights, tied_names(skeleton.model), dtype=None)
+    return skeleton.model, skeleton.tokenizer
+
+
+def quantized_skeleton(path: str | os.PathLike):
+    """A quantized run saved by :func:`save` or :func:`save_streamed` as a :class:`~weightwise.io.models.Skeleton`:
+    the model on the meta device with its QuantizedLinear modules and record, its tokenizer (or None) and its
+    tensors, read one at a time (float parts in float32, quantized tensors as stored)."""
     from weightwise.io.model_checks import check_fits, read_config, read_tokenizer, safetensors_weights
+    from weightwise.io.models import Skeleton
 
     path = Path(path)
     manifest = read_manifest(check_run_folder(path))
@@ -176,13 +186,12 @@ def load_quantized(path: str | os.PathLike):
     unexpected = [name for name in weights.files if name not in model.state_dict(keep_vars=True)]
     if missing or unexpected:
         raise WeightwiseError(f"{weights_file} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    materialize(model, "", weights, tied_names(model), dtype=None)
     model.eval()
     attach_record(model, record)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = read_tokenizer(path)
-    return model, tokenizer
+    return Skeleton(model, tokenizer, weights)
 
 
 def _record_of(path: Path, manifest: dict) -> QuantizationRecord:

@@ -53,7 +53,7 @@ from weightwise.io.artifacts import (
     read_manifest,
     write_json_atomic,
 )
-from weightwise.io.folders import load_quantized
+from weightwise.io.folders import load_quantized, quantized_skeleton
 from weightwise.io.gguf_check import check_gguf
 from weightwise.io.lazy import LazyWeights, NotStreamable, check_finite_tensor, missing_names
 from weightwise.io.model_checks import (CONFIG_ERRORS, check_fits, read_config, read_tokenizer, reason,
@@ -136,16 +136,19 @@ class Skeleton:
     weights: LazyWeights
 
 
-def load_skeleton(source: str | os.PathLike = "default") -> Skeleton:
+def load_skeleton(source: str | os.PathLike = "default", *, quantized_runs: bool = False) -> Skeleton:
     """The model of ``source`` as a :class:`Skeleton`, after :func:`load_model`'s checks of the folder (architecture,
     shard index, safetensors files; NaN/Inf values are refused as tensors are read).
 
     Only sources held as safetensors with the names the model uses can be read so: a Hugging Face folder, a hub id in
     the local cache, or a .gguf file (through its safetensors cache, built on first use by loading it whole once).
     Others (quantized runs, tune runs, encoders, pickled weights, other tensor names) raise :class:`NotStreamable`.
-    The model's own code (``auto_map``) is never used: the built-in class of its architecture is.
+    The model's own code (``auto_map``) is never used: the built-in class of its architecture is. With
+    ``quantized_runs``, a weightwise quantized run is read too (:func:`weightwise.io.folders.quantized_skeleton`).
     """
     src = _resolve(source)
+    if quantized_runs and src.kind == QUANTIZED_MODEL_KIND:
+        return quantized_skeleton(src.path)
     if src.kind == "gguf":
         folder = _gguf_cache_folder(src.path)
         if not folder.is_dir():

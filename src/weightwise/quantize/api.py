@@ -11,10 +11,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from weightwise.architectures import family_of, matches
+from weightwise.comm import Comm
 from weightwise.errors import WeightwiseError
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.lowrank import low_rank_compensation
@@ -80,16 +82,20 @@ def quantize(
     tokenizer=None,
     calibration: torch.Tensor | str | list[str] | None = None,
     checkpoint_dir: str | Path | None = None,
+    keep_checkpoint: bool = False,
     inplace: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
     device: torch.device | str | None = None,
+    comm: Comm = Comm(),
 ) -> nn.Module:
     """Quantize ``model``'s target layers; returns a new model unless ``inplace``.
 
     ``recipe`` may be a QuantRecipe, a dict of its fields, or a YAML path. Calibrated methods (gptq, awq, …)
     use ``calibration`` — token ids (samples, seq_len), a text, or a list of documents (with
     ``tokenizer``) — or else the recipe's calibration config (needs ``tokenizer``). With
-    ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block.
+    ``checkpoint_dir`` a killed calibrated run resumes at the next unfinished block; the checkpoint is deleted at the end
+    unless ``keep_checkpoint`` (a caller that saves the model deletes it after the save, with
+    :func:`weightwise.quantize.checkpoint.remove_checkpoint`: a kill before the save then resumes instead of restarting).
     ``progress(done, total, name)`` is called after each layer. With ``device`` (e.g. "cuda") the work runs
     there one block (or layer) at a time while the model stays where it is; the result is where the model
     was. The returned model carries a :class:`~weightwise.records.QuantizationRecord` (recipe, per-layer
@@ -98,8 +104,12 @@ def quantize(
     The calibration math runs in float32 whatever the model's dtype, and the returned model's float parts
     (embeddings, norms, biases) are float32, as those of a saved run loaded back: a bf16 model gives the
     same result as its float32 copy.
+    With several processes in ``comm`` (e.g. under torchrun), each calibrates on its share of the batches and
+    quantizes its share of each block's layers (see :meth:`QuantizeJob.quantize_stage`); every process returns the
+    same model, and process 0 alone writes the checkpoint.
     """
     recipe = _as_recipe(recipe)
+    _check_processes(recipe, comm)
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise WeightwiseError("the model is already quantized; quantize its float source instead")
     start = time.perf_counter()
@@ -111,19 +121,19 @@ def quantize(
     if sized or recipe.needs_calibration:
         tokens = _calibration_tokens(model, recipe, tokenizer, calibration)
     if sized:
-        planned, choices = _mixed_precision(model, recipe, plan, tokens, device)
+        planned, choices = _mixed_precision(model, recipe, plan, tokens, device, comm)
         plan = {name: spec for name, (spec, _) in choices.items()}
         ranks = {name: rank for name, (_, rank) in choices.items()}
     if not inplace:
         model = copy.deepcopy(model)
-    job = QuantizeJob(model, recipe, plan, ranks, device, progress)
+    job = QuantizeJob(model, recipe, plan, ranks, device, progress, comm)
     calibration_record = None
     if recipe.needs_calibration:
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = BlockCheckpoint(checkpoint_dir, recipe.model_dump(mode="json"), source_fingerprint, tokens)
         calibration_record = job.run_calibrated(tokens, checkpoint)
-        if checkpoint is not None:
+        if checkpoint is not None and comm.is_main and not keep_checkpoint:
             checkpoint.clear()
     else:
         for name in plan:
@@ -147,6 +157,7 @@ def quantize_streamed(
     checkpoint_dir: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     device: torch.device | str | None = None,
+    comm: Comm = Comm(),
     **manifest,
 ) -> nn.Module:
     """Quantize the model ``model`` (a source name or path, as :func:`weightwise.load_model` takes) one decoder block
@@ -161,7 +172,8 @@ def quantize_streamed(
     bit for bit, as ``save(quantize(load_model(model, dtype="auto")[0], recipe, ...), output)``, as shards (one per
     block) with an index; ``manifest`` fields go into its manifest.json beside the record and the size
     (``metrics.size``). Raises :class:`~weightwise.io.lazy.NotStreamable` for a source or recipe that needs the
-    whole model (a size target, 'self' calibration, quantized layers outside the decoder blocks).
+    whole model (a size target, 'self' calibration, quantized layers outside the decoder blocks). With several
+    processes in ``comm`` the work is shared as in :func:`quantize`, and process 0 alone writes.
     """
     from weightwise.evaluate.size import model_size
     from weightwise.io.folders import save_streamed
@@ -171,6 +183,7 @@ def quantize_streamed(
 
     recipe, output = _as_recipe(recipe), Path(output)
     check_streamable(recipe)
+    _check_processes(recipe, comm)
     start = time.perf_counter()
     skeleton = load_skeleton(model)
     qmodel, weights = skeleton.model, skeleton.weights
@@ -185,7 +198,7 @@ def quantize_streamed(
     tokens = _calibration_tokens(qmodel, recipe, skeleton.tokenizer, calibration) if recipe.needs_calibration else None
     checkpoint = BlockCheckpoint(checkpoint_dir or output.parent / f".{output.name}.partial", recipe.model_dump(mode="json"),
                                  source_fingerprint, tokens)
-    job = QuantizeJob(qmodel, recipe, plan, ranks, device, progress)
+    job = QuantizeJob(qmodel, recipe, plan, ranks, device, progress, comm)
     store = StreamedBlocks(qmodel, weights, device, partial(job.restore, checkpoint))
     calibration_record = None
     if recipe.needs_calibration:
@@ -199,20 +212,22 @@ def quantize_streamed(
     attach_record(qmodel, QuantizationRecord(
         recipe=recipe.model_dump(mode="json"), layers=job.layers, source_fingerprint=source_fingerprint,
         quantize_seconds=elapsed, device=str(device or "cpu"), calibration=calibration_record, plan=None))
-    metrics = {**manifest.pop("metrics", {}), "size": model_size(qmodel)}
-    save_streamed(qmodel, output, block_files=[checkpoint.block_file(i) for i in range(len(blocks))], weights=weights,
-                  tokenizer=skeleton.tokenizer, metrics=metrics, **manifest)
-    checkpoint.clear()
+    if comm.is_main:
+        metrics = {**manifest.pop("metrics", {}), "size": model_size(qmodel)}
+        save_streamed(qmodel, output, block_files=[checkpoint.block_file(i) for i in range(len(blocks))], weights=weights,
+                      tokenizer=skeleton.tokenizer, metrics=metrics, **manifest)
+        checkpoint.clear()
     return qmodel
 
 
 class QuantizeJob:
     """One quantization of one model: what every step needs (the model and its modules by name, the recipe, each
-    layer's planned spec and LoRC rank, the device) and the layer records made so far."""
+    layer's planned spec and LoRC rank, the device, the processes sharing the work) and the layer records made so far."""
 
     def __init__(self, model: nn.Module, recipe: QuantRecipe, plan: dict[str, QuantSpec], ranks: dict[str, int],
-                 device, progress: Callable[[int, int, str], None] | None):
+                 device, progress: Callable[[int, int, str], None] | None, comm: Comm = Comm()):
         self.model, self.recipe, self.plan, self.ranks, self.device, self.progress = model, recipe, plan, ranks, device, progress
+        self.comm = comm
         self.modules = dict(model.named_modules())
         self.layers: dict[str, LayerRecord] = {}
 
@@ -227,6 +242,36 @@ class QuantizeJob:
 
     def quantize_layer(self, name: str, stats: dict | None) -> QuantizedLinear:
         """Quantize one layer by the recipe's method (with its calibration ``stats``, if any) and install it."""
+        qlinear, record = self.make_layer(name, stats)
+        self.install(name, qlinear, record)
+        return qlinear
+
+    def quantize_stage(self, names: list[str], stats: dict[str, dict]) -> dict[str, QuantizedLinear]:
+        """Quantize and install the layers ``names`` of one block. With several processes, each makes its share
+        (balanced by :func:`share_layers`) and sends it to the others (safetensors bytes and the record's JSON), so
+        that every process installs the same layers in the same order."""
+        if self.comm.world == 1:
+            return {name: self.quantize_layer(name, stats[name]) for name in names}
+        owners = share_layers({name: self.modules[name].weight.shape for name in names}, self.comm.world)
+        made = {name: self.make_layer(name, stats[name]) for name in names if owners[name] == self.comm.rank}
+        for name in names:
+            if name in made:
+                qlinear, record = made[name]
+                tensors = safetensors.torch.save({k: v.cpu().contiguous() for k, v in qlinear.state_dict().items()})
+                self.comm.broadcast_bytes(record.model_dump_json().encode(), owners[name])
+                self.comm.broadcast_bytes(tensors, owners[name])
+            else:
+                record = LayerRecord.model_validate_json(self.comm.broadcast_bytes(None, owners[name]))
+                linear = self.modules[name]
+                qlinear = QuantizedLinear.empty_like(linear, record)
+                qlinear.load_state_dict(safetensors.torch.load(self.comm.broadcast_bytes(None, owners[name])))
+                qlinear.to(linear.weight.device)
+            self.install(name, qlinear, record)
+        return {name: self.modules[name] for name in names}
+
+    def make_layer(self, name: str, stats: dict | None) -> tuple[QuantizedLinear, LayerRecord]:
+        """The quantized layer for the Linear ``name`` by the recipe's method (with its calibration ``stats``, if
+        any), and its record; the model is not changed."""
         recipe, linear = self.recipe, self.modules[name]
         weight = linear.weight.detach().to(device=self.device, dtype=torch.float32)
         spec, rank = self.plan[name], self.ranks[name]
@@ -248,8 +293,7 @@ class QuantizeJob:
             lorc=None if factors is None else LowRankRecord(rank=rank, dtype=recipe.lorc_dtype),
             act_format=recipe.act_format, diagnostics=diagnostics or {},
             folded=stats.get("folded") if stats else None)  # scales migrated into this layer's input (SmoothQuant, AWQ)
-        self.install(name, qlinear, record)
-        return qlinear
+        return qlinear, record
 
     def restore(self, checkpoint: BlockCheckpoint, index: int, block_name: str) -> None:
         """Put block ``index``, quantized by an earlier run, back in place from ``checkpoint``."""
@@ -262,7 +306,7 @@ class QuantizeJob:
         each block for its turn (default: the model in memory, each block on the job's device for its turn)."""
         recipe, modules, plan = self.recipe, self.modules, self.plan
         blocks, by_block = _targets_by_block(self.model, modules, plan)
-        start_block = checkpoint.progress()[0] if checkpoint is not None else 0
+        start_block = self.resume_point(checkpoint)
         if store is None:
             store = ResidentBlocks(self.device, None if checkpoint is None else partial(self.restore, checkpoint),
                                    keep_float32=True)
@@ -280,31 +324,59 @@ class QuantizeJob:
                 if done:  # recalibrate on the outputs of the stages quantized so far; keep notes such as "folded"
                     fresh = block_pass.stats(stage)
                     stats = {**stats, **{name: {**stats.get(name, {}), **fresh[name]} for name in fresh}}
-                done.update({name: self.quantize_layer(name, stats[name]) for name in stage})
+                done.update(self.quantize_stage(stage, stats))
             if targets is not None:
                 result = BlockTuneResult(**tune_block(modules[block_name], block_pass.inputs, targets, recipe.block_tune))
                 for name in done:
                     self.layers[name] = self.layers[name].model_copy(update={"block_tune": result})
-            if checkpoint is not None:
+            if checkpoint is not None and self.comm.is_main:
                 checkpoint.save_block(index, done, {name: self.layers[name] for name in done},
                                       _float_state(block_name, modules[block_name]))
 
         layer_sequential(self.model, blocks, by_block, tokens, recipe.calibration.batch_size, quantize_block, start_block,
-                         self.device, store)
+                         self.device, store, self.comm)
         return CalibrationRecord(**recipe.calibration.model_dump(), tokens=int(tokens.numel()), resumed_at_block=start_block)
 
     def run_blockwise(self, checkpoint: BlockCheckpoint, store: BlockStore) -> None:
         """Quantize block by block without calibration, each block readied by ``store`` for its turn and saved to
         ``checkpoint`` (blocks an earlier run saved are only put back)."""
         blocks, by_block = _targets_by_block(self.model, self.modules, self.plan)
-        start_block = checkpoint.progress()[0]
+        start_block = self.resume_point(checkpoint)
         for index, (block_name, block) in enumerate(blocks):
             return_freed_memory()
             store.open(index, block_name, block, quantized=index < start_block)
             if index >= start_block:
-                done = {name: self.quantize_layer(name, None) for name in by_block[block_name]}
-                checkpoint.save_block(index, done, {name: self.layers[name] for name in done}, _float_state(block_name, block))
+                names = list(by_block[block_name])
+                done = self.quantize_stage(names, dict.fromkeys(names))
+                if self.comm.is_main:
+                    checkpoint.save_block(index, done, {name: self.layers[name] for name in done},
+                                          _float_state(block_name, block))
             store.close(index, block_name, block)
+
+    def resume_point(self, checkpoint: BlockCheckpoint | None) -> int:
+        """The blocks an earlier run finished, read by process 0 (which alone writes the checkpoint) and sent to the others."""
+        if checkpoint is None:
+            return 0
+        done = torch.tensor([checkpoint.progress()[0] if self.comm.is_main else 0], device=self.comm.device)
+        self.comm.broadcast([done])
+        return int(done.item())
+
+
+def share_layers(shapes: dict[str, torch.Size], world: int) -> dict[str, int]:
+    """The process that quantizes each layer: largest first, each to the least loaded process, the load of an
+    (out, in) layer counted as out·in² (GPTQ's cost; round-to-nearest's is out·in, in the same order)."""
+    load, owners = [0] * world, {}
+    for name in sorted(shapes, key=lambda n: (-shapes[n][0] * shapes[n][1] ** 2, n)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = owner
+        load[owner] += shapes[name][0] * shapes[name][1] ** 2
+    return owners
+
+
+def _check_processes(recipe: QuantRecipe, comm: Comm) -> None:
+    """Refuse what cannot yet be shared between processes: block tuning trains on all the calibration batches at once."""
+    if comm.world > 1 and recipe.block_tune is not None:
+        raise WeightwiseError("block tuning does not run on several processes yet: run it in one process (drop torchrun)")
 
 
 def _float_state(block_name: str, block: nn.Module) -> dict[str, torch.Tensor]:
@@ -325,15 +397,16 @@ def _targets_by_block(model: nn.Module, modules: dict, plan: dict) -> tuple[list
     return blocks, by_block
 
 
-def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor, device) -> tuple[PlanRecord, dict]:
-    """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer."""
+def _mixed_precision(model, recipe: QuantRecipe, plan: dict, tokens: torch.Tensor, device, comm: Comm) -> tuple[PlanRecord, dict]:
+    """Calibrate the float model once for every layer's Hessian, then plan one candidate per layer (every process
+    plans the same: the Hessians are summed over the processes)."""
     modules = dict(model.named_modules())
     blocks, by_block = _targets_by_block(model, modules, plan)
     hessians: dict[str, torch.Tensor] = {}  # kept with the model (CPU memory), moved to ``device`` layer by layer
     home = device_of(model)
     layer_sequential(model, blocks, by_block, tokens, recipe.calibration.batch_size,
                      lambda index, block, stats, block_pass: hessians.update({n: s["hessian"].to(home) for n, s in stats.items()}),
-                     device=device)
+                     device=device, comm=comm)
     weights = {name: modules[name].weight.detach().to(torch.float32) for name in plan}
     row_weights = None
     if recipe.plan_gradient_samples:

@@ -18,6 +18,11 @@ Where the blocks are between their turns is a :class:`BlockStore`'s business: :c
 the model in memory (with an execution ``device``, a GPU, each block is moved there for its turn and moved
 back: GPU memory holds one block, its captured activations and its statistics); ``quantize.stream``'s store
 reads each block from the checkpoint for its turn and writes and frees it afterwards.
+
+With several processes (a :class:`~weightwise.comm.Comm` of ``world`` > 1, e.g. under torchrun) each process runs
+its share of the calibration batches (batch i goes to process i mod world) through every block, and the statistics
+are summed over the processes before any layer is quantized: every process sees those of all the batches, and a
+block's layers can be quantized by any of them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from weightwise.architectures import FAMILIES
+from weightwise.comm import Comm
 from weightwise.errors import WeightwiseError
 from weightwise.heap import return_freed_memory
 from weightwise.qlinear import QuantizedLinear, dequantized_once
@@ -201,6 +207,25 @@ class _Collector:
         self._cache.clear()
         self._first_chunk = False
 
+    def reduce(self, comm: Comm, linears: dict[str, nn.Linear]) -> None:
+        """Sum the statistics of ``linears`` over the processes (max|x|: their maximum), so that every process holds
+        those of all the batches. A layer a process never saw called contributes zeros."""
+        if comm.world == 1:
+            return
+        for name, linear in linears.items():
+            if name not in self.stats:
+                d = linear.in_features
+                zeros = [torch.zeros(d, d), torch.zeros(d), torch.zeros(d), torch.zeros(d)]
+                self.stats[name] = LayerStats(*(z.to(linear.weight.device) for z in zeros), tokens=0)
+        entries = [self.stats[name] for name in linears]
+        tokens = torch.tensor([entry.tokens for entry in entries], dtype=torch.int64, device=comm.device)
+        comm.all_reduce_sum([tokens, *(t for e in entries for t in (e.hessian, e.total, e.abs_sum))])
+        comm.all_reduce_max([entry.abs_max for entry in entries])
+        for name, entry, count in zip(linears, entries, tokens.tolist()):
+            entry.tokens = count
+            if count == 0:  # called by no process
+                del self.stats[name]
+
     def results(self) -> dict[str, dict]:
         return {name: stats.as_dict() for name, stats in self.stats.items()}
 
@@ -245,8 +270,10 @@ def run_block(block: nn.Module, inputs: list[CapturedBatch], *, replace: bool = 
     return outputs
 
 
-def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch], stop_after: str | None = None) -> _Collector:
-    """Run ``block`` on every captured batch with statistics hooks on ``linears``.
+def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[CapturedBatch], stop_after: str | None = None,
+             comm: Comm = Comm()) -> _Collector:
+    """Run ``block`` on every captured batch with statistics hooks on ``linears``; the statistics are summed over
+    the processes of ``comm``.
 
     Only the linears' inputs are needed, so each forward pass ends as soon as the input of ``stop_after``
     is recorded; without it, from the second batch on, as soon as the last linear the first batch called
@@ -277,6 +304,7 @@ def _collect(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Captu
     finally:
         for handle in handles:
             handle.remove()
+    collector.reduce(comm, linears)
     return collector
 
 
@@ -291,15 +319,16 @@ class BlockPass:
 
     block: nn.Module
     linears: dict[str, nn.Linear]
-    inputs: list[CapturedBatch]
+    inputs: list[CapturedBatch]  # this process's share of the batches
     stages: list[list[str]]  # linears that read the same input, in call order; uncalled targets last
+    comm: Comm = field(default_factory=Comm)
 
     def stats(self, names: list[str]) -> dict[str, dict]:
         """Statistics of ``names`` (still float linears) from the block as it is now, e.g. with earlier
         stages quantized; the forward passes stop after the last of them the block calls."""
         order = [name for stage in self.stages for name in stage]
         last = max(names, key=order.index)
-        return _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last).results()
+        return _collect(self.block, {n: self.linears[n] for n in names}, self.inputs, last, self.comm).results()
 
 
 class BlockStore(Protocol):
@@ -385,6 +414,7 @@ def layer_sequential(
     start_block: int = 0,
     device: torch.device | str | None = None,
     store: BlockStore | None = None,
+    comm: Comm = Comm(),
 ) -> None:
     """Calibrate and quantize block by block from ``start_block`` on.
 
@@ -394,7 +424,8 @@ def layer_sequential(
     earlier run (resume; ``store`` restores them): their outputs are recomputed block by block from the
     first block's inputs, the same computation as in the uninterrupted run, so that a resumed run ends with
     the same weights. ``store`` (default: :class:`ResidentBlocks` on ``device``) readies each block for its
-    turn; with ``device``, the captured activations go there too.
+    turn; with ``device``, the captured activations go there too. With several processes in ``comm``, each runs its
+    share of the batches and every ``quantize_block`` receives the statistics of all of them.
     """
     from accelerate.utils import send_to_device
 
@@ -404,6 +435,7 @@ def layer_sequential(
             store.open(index, name, block, quantized=True)
             store.close(index, name, block)
         return
+    tokens = process_share(tokens, batch_size, comm)
     with store.capture(model, [block for _, block in blocks]):
         inputs = capture_block_inputs(model, blocks[0][1], tokens, batch_size)
     if device is not None:
@@ -413,18 +445,30 @@ def layer_sequential(
         store.open(index, name, block, quantized=index < start_block)
         if index >= start_block:
             linears = targets_by_block.get(name, {})
-            collector = _collect(block, linears, inputs)
+            collector = _collect(block, linears, inputs, comm=comm)
             stages = list(collector.stages.values())
             uncalled = [n for n in linears if n not in collector.stats]
             return_freed_memory()
             quantize_block(index, name, collector.results(),
-                           BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else [])))
+                           BlockPass(block, linears, inputs, stages + ([uncalled] if uncalled else []), comm))
             logger.info("calibrated block %d/%d (%s)", index + 1, len(blocks), name)
         if index + 1 < len(blocks):
             return_freed_memory()
             inputs = run_block(block, inputs, replace=True)
         store.close(index, name, block)
     return_freed_memory()
+
+
+def process_share(tokens: torch.Tensor, batch_size: int, comm: Comm) -> torch.Tensor:
+    """The rows of ``tokens`` this process calibrates on: batch i (of ``batch_size`` rows) goes to process i mod world.
+    Batched again by ``batch_size``, the share gives the very batches of the whole."""
+    if comm.world == 1:
+        return tokens
+    starts = range(0, len(tokens), batch_size)
+    if len(starts) < comm.world:
+        raise WeightwiseError(f"the calibration set makes {len(starts)} batches of {batch_size} sequences, fewer than the "
+                              f"{comm.world} processes: lower the batch size, add sequences or start fewer processes")
+    return torch.cat([tokens[start : start + batch_size] for start in starts[comm.rank :: comm.world]])
 
 
 def device_of(module: nn.Module) -> torch.device | None:

@@ -96,7 +96,12 @@ class BlockCheckpoint:
         write_json_atomic(progress, state)
 
     def clear(self) -> None:
-        """Delete the checkpoint, its progress file first: a run killed while the blocks are being deleted leaves no
-        progress naming a deleted block (its rerun starts afresh instead of failing on the missing file)."""
-        (self.folder / _PROGRESS).unlink(missing_ok=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Delete the checkpoint (see :func:`remove_checkpoint`)."""
+        remove_checkpoint(self.folder)
+
+
+def remove_checkpoint(folder: str | Path) -> None:
+    """Delete a block checkpoint folder, its progress file first: a run killed while the blocks are being deleted
+    leaves no progress naming a deleted block (its rerun starts afresh instead of failing on the missing file)."""
+    (Path(folder) / _PROGRESS).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)

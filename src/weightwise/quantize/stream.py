@@ -33,17 +33,19 @@ def check_streamable(recipe: QuantRecipe) -> None:
 
 class StreamedBlocks:
     """Blocks read from ``weights`` for their turn and emptied (back to the meta device) after it. ``device``: where
-    a block is put for its turn; ``restore(index, name)`` puts back a block an earlier run quantized (resume)."""
+    a block is put for its turn; ``restore(index, name)`` puts back a block an earlier run quantized (resume);
+    ``dtype``: what floating tensors are read as (None: the dtype the skeleton gives them, e.g. a quantized run's
+    scales as stored)."""
 
     def __init__(self, model: nn.Module, weights: LazyWeights, device: torch.device | str | None = None,
-                 restore: Callable[[int, str], None] | None = None):
-        self.weights, self.device, self.restore = weights, device, restore
+                 restore: Callable[[int, str], None] | None = None, dtype: torch.dtype | None = torch.float32):
+        self.weights, self.device, self.restore, self.dtype = weights, device, restore, dtype
         self.ties = tied_names(model)
         self._opened: list[nn.Module] = []  # the block's modules at its opening: layers replaced in its turn too
 
     @contextmanager
     def capture(self, model: nn.Module, blocks: list[nn.Module]) -> Iterator[None]:
-        """Each module outside the blocks is read (float32) when the model first calls it: up to the first block,
+        """Each module outside the blocks is read when the model first calls it: up to the first block,
         that is the embeddings; the final norm and LM head are never read. Emptied again afterwards."""
         inside = {id(inner) for block in blocks for inner in block.modules()}
         emptied: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -52,7 +54,7 @@ class StreamedBlocks:
             own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
             if any(tensor.is_meta for _, tensor in own):
                 emptied.extend((module, attr, tensor) for attr, tensor in own if tensor.is_meta)
-                materialize(module, name, self.weights, self.ties, torch.float32, recurse=False)
+                materialize(module, name, self.weights, self.ties, self.dtype, recurse=False)
 
         handles = [module.register_forward_pre_hook(lambda m, args, name=name: fill(name, m, args))
                    for name, module in model.named_modules() if id(module) not in inside]
@@ -71,7 +73,7 @@ class StreamedBlocks:
                 raise ValueError(f"block {name} was quantized by an earlier run, and there is nothing to restore it from")
             self.restore(index, name)
         else:
-            materialize(block, name, self.weights, self.ties, torch.float32)
+            materialize(block, name, self.weights, self.ties, self.dtype)
         if self.device is not None:
             block.to(self.device)
 

@@ -42,7 +42,7 @@ from weightwise.io.artifacts import (
     write_text_atomic,
 )
 from weightwise.tune.checkpoint import TuneCheckpoints, set_rng_state
-from weightwise.tune.comm import Comm
+from weightwise.comm import Comm
 from weightwise.tune.config import TuneConfig
 from weightwise.tune.loop import Schedule, train
 from weightwise.tune.methods import make_method

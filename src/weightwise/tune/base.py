@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from weightwise.evaluate.perplexity import example_nll
-from weightwise.tune.comm import Comm
+from weightwise.comm import Comm
 from weightwise.tune.compander import CompandedWeights
 from weightwise.tune.config import TuneConfig
 from weightwise.tune.steps import StepHooks, TorchOptimizerHooks

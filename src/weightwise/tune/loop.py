@@ -25,7 +25,7 @@ from torch import nn
 from weightwise.data.tasks import IGNORE_INDEX, collate
 from weightwise.errors import WeightwiseError
 from weightwise.tune.checkpoint import TuneCheckpoints, rng_state
-from weightwise.tune.comm import Comm
+from weightwise.comm import Comm
 from weightwise.tune.config import TuneConfig
 from weightwise.tune.methods import TuneMethod
 from weightwise.tune.steps import Step, StepCallback, run_steps

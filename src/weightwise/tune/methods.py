@@ -32,7 +32,7 @@ import torch
 
 from weightwise.tune import compander
 from weightwise.tune.base import AdamWMethod, TuneMethod, freeze
-from weightwise.tune.comm import Comm
+from weightwise.comm import Comm
 from weightwise.tune.config import (
     DoraConfig,
     FullConfig,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from weightwise.errors import WeightwiseError
-from weightwise.tune.comm import Comm
+from weightwise.comm import Comm
 
 StepCallback = Callable[[dict], None]
 

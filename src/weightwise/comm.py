@@ -1,4 +1,4 @@
-"""The few collective operations the training loop needs, a no-op in a single process.
+"""The few collective operations that tuning and quantization need, a no-op in a single process.
 
 Under a launcher that starts one process per rank with the ``env://`` variables (WORLD_SIZE, RANK,
 MASTER_ADDR, MASTER_PORT): ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu
@@ -6,9 +6,11 @@ MASTER_ADDR, MASTER_PORT): ``torchrun --nproc_per_node N`` or ``accelerate launc
 (gloo for CPU tensors, nccl for GPU ones). ``accelerate launch --cpu`` starts more than one process only
 through mpirun; without it, it runs one process.
 
-No model is wrapped in DDP: the loop sums the trained gradients itself (for sparse methods only the k
-masked entries travel), so one code path serves every method and ``world`` processes × batch b/world
-see the same global batch as one process × batch b.
+No model is wrapped in DDP: the training loop sums the trained gradients itself (for sparse methods only
+the k masked entries travel), so one code path serves every method and ``world`` processes × batch b/world
+see the same global batch as one process × batch b. Quantization sums the calibration statistics of each
+process's share of the batches and spreads a block's layers over the processes (``quantize.api``).
+Payloads other than tensors travel as bytes (safetensors, JSON): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -61,6 +63,28 @@ class Comm:
             for t in group:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+    def all_reduce_max(self, tensors: list[torch.Tensor]) -> None:
+        """Element-wise maximum of ``tensors`` over processes, in place."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+    def broadcast_bytes(self, payload: bytes | None, src: int) -> bytes:
+        """``payload`` of process ``src`` on every process (the others pass None)."""
+        if self.world == 1:
+            return payload
+        import torch.distributed as dist
+
+        size = torch.tensor([len(payload) if self.rank == src else 0], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src)
+        buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device) if self.rank == src
+                  else torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
+        dist.broadcast(buffer, src)
+        return payload if self.rank == src else buffer.cpu().numpy().tobytes()
 
     def broadcast(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Overwrite ``tensors`` in place with the values of process ``src``."""
