@@ -682,6 +682,15 @@ def summarize(ctx: dict) -> dict:
 # --- wana throughput ------------------------------------------------------------------------------
 
 
+def measure_throughput(ctx: dict) -> None:
+    """The throughput comparison into the results, unless it was measured on the same lines already."""
+    args, data, results = ctx["args"], ctx["data"], ctx["results"]
+    key = {"n": args.wana_examples, "pool_sha256": data["sha256"]["pool"], "wana_in_own_process": True}
+    if (results.get("throughput") or {}).get("key") != key:
+        print(f"throughput: weightwise loss/ifd vs wana on {args.wana_examples} examples", flush=True)
+        results["throughput"] = {"key": key, **throughput(ctx, args.wana_examples)}
+
+
 def throughput(ctx: dict, n: int) -> dict:
     """Examples/s of weightwise's loss and ifd scorers and of wana's IFD scorer on the same ``n`` pool lines."""
     from weightwise.select import SelectConfig, scorer_config, select
@@ -767,7 +776,13 @@ print(json.dumps({"version": wana.__version__, "model": provider.model_name, "th
 
 
 def save(ctx: dict) -> None:
+    """Write the results, keeping what another run of this script saved meanwhile (arms, throughput) that this one lacks."""
     results = ctx["results"]
+    on_disk = json.loads(ctx["out"].read_text()) if ctx["out"].is_file() else {}
+    for name, row in on_disk.get("arms", {}).items():
+        results["arms"].setdefault(name, row)
+    if results.get("throughput") is None:
+        results["throughput"] = on_disk.get("throughput")
     results["versions"] = ctx["versions"]
     results["summary"] = summarize(ctx)
     results["seconds_this_run"] = time.perf_counter() - ctx["started"]
@@ -867,6 +882,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16, help="test prompts per generate call (more on a GPU)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the second phase (seed 0 is the screening run)")
     parser.add_argument("--wana-examples", type=int, default=500, help="examples of the throughput comparison (0: skip it)")
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput comparison with wana")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/select.json; "
                         "--quick: select-quick.json); the Markdown goes beside it")
     parser.add_argument("--runs", type=Path, default=None, help="work folder (default runs/bench-select[-quick])")
@@ -917,6 +933,11 @@ def main() -> None:
         run_arm(ctx, *parse_spec(args.worker))
         return
     screen = [a for a in (QUICK_ARMS if args.quick else ARMS) if not args.only or a in args.only]
+    if args.throughput_only:
+        measure_throughput(ctx)
+        save(ctx)
+        print(markdown(results))
+        return
     if args.plan:
         base = base_accuracy(ctx)
         run_arms(ctx, [parse_spec(spec) for spec in args.plan])
@@ -944,10 +965,7 @@ def main() -> None:
     later += [(results["best"][0], BEST_BUDGET, 0)] if results["best"] else []
     run_arms(ctx, later)
     if args.wana_examples:
-        key = {"n": args.wana_examples, "pool_sha256": data["sha256"]["pool"], "wana_in_own_process": True}
-        if (results.get("throughput") or {}).get("key") != key:
-            print(f"throughput: weightwise loss/ifd vs wana on {args.wana_examples} examples", flush=True)
-            results["throughput"] = {"key": key, **throughput(ctx, args.wana_examples)}
+        measure_throughput(ctx)
     results["total_seconds_this_run"] = time.perf_counter() - started
     save(ctx)
     print(markdown(results))

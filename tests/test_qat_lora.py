@@ -42,9 +42,12 @@ def test_config_shares_the_quantizer_fields_with_qat_and_the_rank_with_lora():
     assert flat.method.resolved_alpha == 2 and QATLoraConfig(rank=3).resolved_alpha == 6
     assert TuneConfig.model_validate(flat.model_dump()) == flat
     assert QATLoraConfig().model_dump() == {"name": "qat-lora", "rank": 8, "alpha": None, "format": "int4",
-                                            "granularity": "group", "group_size": None, "init": "rtn", "learn_scales": True}
+                                            "granularity": "group", "group_size": None, "init": "rtn", "learn_scales": True,
+                                            "oscillation_momentum": 0.01, "dampening": 0.0, "freeze_threshold": None,
+                                            "distill_weight": 0.0, "distill_temperature": 1.0}
     shared = set(QuantizerTrainingConfig.model_fields) - {"name"}
-    assert shared == {"format", "granularity", "group_size", "init", "learn_scales"}
+    assert shared == {"format", "granularity", "group_size", "init", "learn_scales", "oscillation_momentum", "dampening",
+                      "freeze_threshold", "distill_weight", "distill_temperature"}
     assert issubclass(QATConfig, QuantizerTrainingConfig) and issubclass(QATLoraConfig, QuantizerTrainingConfig)
     for field in shared:  # one definition: the same field (type, default, description) in both methods
         assert repr(QATLoraConfig.model_fields[field]) == repr(QATConfig.model_fields[field])
@@ -52,8 +55,7 @@ def test_config_shares_the_quantizer_fields_with_qat_and_the_rank_with_lora():
     assert TuneConfig(method="qat-lora", rank_budget=3).method.rank == 3  # the adapters' default from the budget
     with pytest.raises(WeightwiseError, match="lora_dropout is not a setting of method qat-lora"):
         validated(TuneConfig, {"method": "qat-lora", "lora_dropout": 0.1})
-    with pytest.raises(WeightwiseError, match="dampening"):
-        validated(TuneConfig, {"method": {"name": "qat-lora", "dampening": 1.0}})
+    assert TuneConfig(method="qat-lora", distill_weight=0.5).method.distill_weight == 0.5  # the flat shortcut reaches it
     with pytest.raises(WeightwiseError, match="qat-lora trains integer grids, not format 'nf4': use int2..int8"):
         validated(TuneConfig, {"method": "qat-lora", "format": "nf4"})
     for bad in ({"rank": 0}, {"alpha": 0}, {"group_size": 0}):
@@ -189,6 +191,25 @@ def test_init_from_a_quantized_run_and_an_interrupted_run_resumes_to_the_same_re
     assert_same_tensors(tmp_path / "a" / "model", tmp_path / "b" / "model")  # the same codes and scales
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in "ab"]
     assert [[r["step"], r["loss"]] for r in logs[0]] == [[r["step"], r["loss"]] for r in logs[1]]
+
+
+def test_oscillations_dampening_and_distillation_train_and_resume_as_in_qat(toy_task, tmp_path):
+    method = {"format": "int2_asym", "rank": 4, "freeze_threshold": 0.05, "oscillation_momentum": 0.5,
+              "dampening": 0.1, "distill_weight": 0.5, "distill_temperature": 2.0}
+    config = qat_lora(toy_task, method=method, max_steps=6, checkpoint_every=2, batch_size=4, lr=5e-2)
+    reference = tiny_model()
+    tune(reference, tiny_tokenizer(), config, tmp_path / "a")
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["qat_distill_kl"] >= 0 and r["qat_task_loss"] > 0 and r["qat_dampening"] > 0 for r in records)
+    assert max(r["qat_oscillating"] for r in records) > 0 and records[-1]["qat_frozen"] > 0  # tracked, then frozen
+    assert records[0]["qat_distill_kl"] < 1e-3 < records[-1]["qat_distill_kl"]  # the teacher is the float model
+    with pytest.raises(_Kill):
+        tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b", progress=_kill_at(5))
+    resumed = tiny_model()
+    assert tune(resumed, tiny_tokenizer(), config, tmp_path / "b")["resumed_from_step"] == 4
+    for name, tensor in reference.state_dict().items():  # adapters, scales, frozen masks and codes
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert_same_tensors(tmp_path / "a" / "model", tmp_path / "b" / "model")
 
 
 # --- the CLI ------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ QAT_FORMATS = "int2..int8 (signed), int2_asym..int8_asym or ternary"
 
 class QuantizerTrainingConfig(TuneMethodConfig):
     """What the quantization-aware methods (qat, qat-lora) share: the integer grid of their result (a quantized run
-    of ``spec``), where training starts and whether the group scales and offsets are learned."""
+    of ``spec``), where training starts, whether the group scales and offsets are learned, the handling of weights
+    that oscillate between two codes (tracked; damped or frozen) and distillation from the float model."""
 
     format: str = Field("int4", description=f"Integer format of the result ({QAT_FORMATS}).")
     granularity: Granularity = Field("group", description=QuantSpec.model_fields["granularity"].description)
@@ -147,6 +148,18 @@ class QuantizerTrainingConfig(TuneMethodConfig):
                       "quantized run of the same model and spec (a folder: its scales and dequantized weights).")
     learn_scales: bool = Field(True, description="Train the group scales and offsets (LSQ/LSQ+, gradients scaled by "
                                "1/sqrt(group size × largest code)); false keeps the initial ones.")
+    oscillation_momentum: float = Field(0.01, gt=0, le=1, description="Momentum of the per-weight moving average of "
+                                        "oscillations (a code change that reverses the previous one).")
+    dampening: float = Field(0.0, ge=0, description="Weight of the dampening loss: the mean squared distance of each "
+                             "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
+    freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
+                                           "once its oscillation frequency exceeds this; null = never.")
+    distill_weight: float = Field(0.0, ge=0, le=1, description="Knowledge distillation from the float model: the loss is "
+                                  "(1 − w) × the task loss + w × T² × KL(teacher ‖ student) on the positions the task "
+                                  "loss scores, the teacher being the model before fake quantization (frozen, eval "
+                                  "mode, no gradients); 0 = off, 1 = distillation alone.")
+    distill_temperature: float = Field(1.0, gt=0, description="Temperature T dividing both models' logits in the "
+                                       "distillation loss (higher: softer distributions).")
 
     @model_validator(mode="after")
     def _integer_grid(self):
@@ -174,24 +187,13 @@ class QATConfig(QuantizerTrainingConfig):
     """
 
     name: Literal["qat"] = "qat"
-    oscillation_momentum: float = Field(0.01, gt=0, le=1, description="Momentum of the per-weight moving average of "
-                                        "oscillations (a code change that reverses the previous one).")
-    dampening: float = Field(0.0, ge=0, description="Weight of the dampening loss: the mean squared distance of each "
-                             "latent weight (clipped to the grid's range) to its bin centre, in units of its scale; 0 = off.")
-    freeze_threshold: float | None = Field(None, gt=0, lt=1, description="Freeze a weight at its moving-average code "
-                                           "once its oscillation frequency exceeds this; null = never.")
-    distill_weight: float = Field(0.0, ge=0, le=1, description="Knowledge distillation from the float model: the loss is "
-                                  "(1 − w) × the task loss + w × T² × KL(teacher ‖ student) on the positions the task "
-                                  "loss scores, the teacher being the model before fake quantization (frozen, eval "
-                                  "mode, no gradients); 0 = off, 1 = distillation alone.")
-    distill_temperature: float = Field(1.0, gt=0, description="Temperature T dividing both models' logits in the "
-                                       "distillation loss (higher: softer distributions).")
 
 
 class QATLoraConfig(QuantizerTrainingConfig, LowRankConfig):
     """QAT-LoRA (qat_lora.py; L4Q, arXiv 2402.04902): each targeted Linear's float weight W0 stays frozen while a
     rank-r pair B·A and the (LSQ/LSQ+) scales and offsets train through fake_quant(W0 + alpha/r·B·A); the result
     is a quantized run of ``spec`` (the adapters merged into its codes), like qat's, from far fewer trained numbers.
+    Oscillations of the merged weight's codes are tracked, damped or frozen, and distillation mixes in, as in qat.
     """
 
     name: Literal["qat-lora"] = "qat-lora"

@@ -128,9 +128,11 @@ class FakeQuantLinear(nn.Module):
 
 
 class QuantizedRunMethod(AdamWMethod):
-    """What qat and qat-lora share: the check that every target's shape fits the quantizer's groups, and the result,
-    an ordinary quantized run ``OUT/model`` of each :class:`FakeQuantLinear`'s final codes and stored scales.
-    Subclasses set ``model``, ``layers`` (name → FakeQuantLinear) and ``started`` in ``prepare``."""
+    """What qat and qat-lora share: the check that every target's shape fits the quantizer's groups; the training of
+    :class:`FakeQuantLinear` layers (oscillation tracking and freezing after each step, the dampening loss's
+    gradient, distillation from the float model); and the result, an ordinary quantized run ``OUT/model`` of each
+    layer's final codes and stored scales. Subclasses set ``model``, ``layers`` (name → FakeQuantLinear) and
+    ``started`` in ``prepare``, then call :meth:`start_training`."""
 
     def check_layouts(self, targets: dict[str, nn.Linear]) -> None:
         for name, linear in targets.items():
@@ -170,49 +172,16 @@ class QuantizedRunMethod(AdamWMethod):
                 drop_record(self.model)
         return [MODEL_DIR]
 
-
-class QATMethod(QuantizedRunMethod):
-    """The loop's hooks for qat: AdamW on the latent weights (with the config's weight decay) and the scales and
-    offsets (without); oscillation tracking and freezing after each step; the dampening loss's gradient added to
-    the step's gradients."""
-
-    def prepare(self, model, targets, resume=None):
-        freeze(model)
-        spec, settings = self.settings.spec, self.settings
-        self.started = time.perf_counter()
-        self.check_layouts(targets)
-        # a resumed run's values come from its checkpoint: round-to-nearest only lays the tensors out
-        start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
-        logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
-        self.model = model
-        # distillation's teacher: the model before fake quantization, i.e. with the targets' own Linears, kept intact
-        self.teacher = dict(targets) if settings.distill_weight else {}
+    def start_training(self, targets: dict[str, nn.Linear], resume: dict | None) -> None:
+        """After the layers are in place and the optimizer built: the distillation teacher (the targets' own Linears,
+        kept intact), the oscillation tracking, and a resumed run's quantizer and tracking tensors."""
+        self.teacher = dict(targets) if self.settings.distill_weight else {}
         self.distilled = torch.zeros(3, dtype=torch.float64)  # this step's summed task loss, KL, scored tokens
-        freezing = settings.freeze_threshold is not None
-        self.layers = {}
-        for name, linear in targets.items():
-            weight, scales, offsets = start[name]
-            if self.teacher:  # the latent weight must not take over the teacher's
-                weight = weight.detach().clone()
-            self.layers[name] = FakeQuantLinear(weight, scales, offsets, linear.bias, spec, settings.learn_scales, freezing)
-        for name, layer in self.layers.items():
-            model.set_submodule(name, layer)
-        self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
-        if settings.learn_scales:
-            self.params.update({f"{name}.{key}": p for name, layer in self.layers.items()
-                                for key, p in (("scales", layer.scales), ("offsets", layer.offsets)) if p is not None})
-        self.build_optimizer(resume)
         self.tracking = {name: self._start_tracking(layer) for name, layer in self.layers.items()}
         if resume is not None:
             self._restore(resume["tensors"])
         self.entries = sum(layer.weight.numel() for layer in self.layers.values())
         self.metrics: dict = {}
-        return model
-
-    def param_groups(self):
-        latents = [layer.weight for layer in self.layers.values()]
-        quantizers = [p for name, p in self.params.items() if not name.endswith(".weight")]
-        return [{"params": latents}] + ([{"params": quantizers, "weight_decay": 0.0}] if quantizers else [])
 
     def _start_tracking(self, layer: FakeQuantLinear) -> dict[str, torch.Tensor]:
         """Per weight: its codes and last direction of change; when freezing, also its oscillation frequency and
@@ -309,6 +278,41 @@ class QATMethod(QuantizedRunMethod):
                 state["tensors"][f"track.{name}.{key}"] = value
         return state
 
+
+class QATMethod(QuantizedRunMethod):
+    """The loop's hooks for qat: AdamW on the latent weights (with the config's weight decay) and the scales and
+    offsets (without)."""
+
+    def prepare(self, model, targets, resume=None):
+        freeze(model)
+        spec, settings = self.settings.spec, self.settings
+        self.started = time.perf_counter()
+        self.check_layouts(targets)
+        # a resumed run's values come from its checkpoint: round-to-nearest only lays the tensors out
+        start = initial_quantizers(model, targets, spec, "rtn" if resume is not None else settings.init)
+        logger.info("qat: %d layers to %s, from %s", len(targets), spec.format, "the checkpoint" if resume else settings.init)
+        self.model = model
+        freezing = settings.freeze_threshold is not None
+        self.layers = {}
+        for name, linear in targets.items():
+            weight, scales, offsets = start[name]
+            if settings.distill_weight:  # the latent weight must not take over the teacher's (the Linear's own)
+                weight = weight.detach().clone()
+            self.layers[name] = FakeQuantLinear(weight, scales, offsets, linear.bias, spec, settings.learn_scales, freezing)
+        for name, layer in self.layers.items():
+            model.set_submodule(name, layer)
+        self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
+        if settings.learn_scales:
+            self.params.update({f"{name}.{key}": p for name, layer in self.layers.items()
+                                for key, p in (("scales", layer.scales), ("offsets", layer.offsets)) if p is not None})
+        self.build_optimizer(resume)
+        self.start_training(targets, resume)
+        return model
+
+    def param_groups(self):
+        latents = [layer.weight for layer in self.layers.values()]
+        quantizers = [p for name, p in self.params.items() if not name.endswith(".weight")]
+        return [{"params": latents}] + ([{"params": quantizers, "weight_decay": 0.0}] if quantizers else [])
 
 @contextmanager
 def installed(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:

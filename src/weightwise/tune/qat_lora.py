@@ -30,8 +30,8 @@ class LoraFakeQuantLinear(FakeQuantLinear):
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                  bias: nn.Parameter | None, spec: QuantSpec, learn_scales: bool, rank: int, alpha: float,
-                 generator: torch.Generator):
-        super().__init__(weight, scales, offsets, bias, spec, learn_scales)
+                 generator: torch.Generator, freezing: bool = False):
+        super().__init__(weight, scales, offsets, bias, spec, learn_scales, freezing)
         self.weight.requires_grad_(False)
         rows, cols = self.shape
         a = torch.empty(rank, cols)
@@ -51,7 +51,8 @@ class LoraFakeQuantLinear(FakeQuantLinear):
 
 class QATLoraMethod(QuantizedRunMethod):
     """The loop's hooks for qat-lora: AdamW on the adapters (with the config's weight decay) and on the scales and
-    offsets (without, LSQ/LSQ+); the frozen W0 has no gradient and no optimizer state."""
+    offsets (without, LSQ/LSQ+); the frozen W0 has no gradient and no optimizer state. Oscillation handling and
+    distillation: :class:`QuantizedRunMethod`'s, on the merged weight's codes."""
 
     def prepare(self, model, targets, resume=None):
         freeze(model)
@@ -63,8 +64,9 @@ class QATLoraMethod(QuantizedRunMethod):
         start = initial_quantizers(model, targets, spec, settings.init)
         generator = torch.Generator().manual_seed(self.config.seed)
         self.model = model
+        freezing = settings.freeze_threshold is not None
         self.layers = {name: LoraFakeQuantLinear(*start[name], linear.bias, spec, settings.learn_scales, settings.rank,
-                                                 settings.resolved_alpha, generator)
+                                                 settings.resolved_alpha, generator, freezing)
                        for name, linear in targets.items()}
         for name, layer in self.layers.items():
             model.set_submodule(name, layer)
@@ -75,6 +77,7 @@ class QATLoraMethod(QuantizedRunMethod):
             for key, p in (("scales", layer.scales), ("offsets", layer.offsets)) if p is not None}
         self.params = {**self.adapters, **self.quantizers}
         self.build_optimizer(resume)
+        self.start_training(targets, resume)  # W0 stays the Linears' own weight (frozen): the teacher's, unchanged
         logger.info("qat-lora: %d layers to %s, rank %d, from %s (%s), %d trained parameters", len(targets),
                     spec.format, settings.rank, settings.init, "resumed" if resume is not None else "new",
                     self.trained_entries())
