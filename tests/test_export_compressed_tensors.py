@@ -208,3 +208,53 @@ def test_cli_exports_a_run_atomically_and_refuses_an_existing_folder(tmp_path):
     again = cli("-o", str(tmp_path / "ct"))
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error:") and "exists" in again.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ct")]  # no temporary folder left behind
+    streamed = cli("--stream", "-o", str(tmp_path / "ct-stream"))
+    assert streamed.returncode == 0, streamed.stderr
+    assert (tmp_path / "ct-stream" / "model.safetensors.index.json").is_file()
+    _assert_same_model(_quantized({"format": "int4", "group_size": 32}),
+                       AutoModelForCausalLM.from_pretrained(tmp_path / "ct-stream").eval())
+
+
+@pytest.mark.parametrize("recipe", [
+    {"format": "int4", "group_size": 32},
+    {"format": "int4", "group_size": 32, "overrides": [{"pattern": r"self_attn\.", "format": "int8", "granularity": "channel"}],
+     "ignore": [r"mlp\.up_proj"]},
+], ids=["int4", "mixed-with-float-layer"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_block_by_block_writes_the_tensors_of_the_whole_model_as_shards(tmp_path, recipe, tied):
+    from weightwise.export import export_source
+    from weightwise.io.folders import save
+
+    ours = _quantized(recipe, tie_word_embeddings=tied)
+    run = save(ours, tmp_path / "run", tokenizer=tiny_tokenizer(VOCAB))
+    whole = export_source(run, "compressed-tensors", tmp_path / "whole", dtype="bf16")
+    streamed = export_source(run, "compressed-tensors", tmp_path / "streamed", dtype="bf16", stream=True)
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "streamed").glob("model-*.safetensors"))
+    assert len(shards) == 3 and set(index["weight_map"].values()) == set(shards)  # two blocks, then the rest
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(tmp_path / "streamed" / shard))
+    expected = load_file(tmp_path / "whole" / "model.safetensors")
+    assert tensors.keys() == expected.keys() == index["weight_map"].keys()
+    for key, value in expected.items():
+        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+    assert {k: v for k, v in streamed.items() if k not in ("path", "bytes")} == \
+        {k: v for k, v in whole.items() if k not in ("path", "bytes")}
+    for name in ("config.json", "tokenizer.json"):
+        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    loaded = {name: AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("whole", "streamed")}
+    # the shards and their index load like the one file
+    assert torch.equal(_logits(loaded["streamed"]), _logits(loaded["whole"]))
+
+
+def test_block_by_block_export_refuses_what_it_cannot_write(tmp_path):
+    from weightwise.export import export_source
+    from weightwise.io.folders import save
+
+    lorc = save(_quantized({"format": "int4", "group_size": 32, "lorc_rank": 2}), tmp_path / "lorc", tokenizer=tiny_tokenizer(VOCAB))
+    with pytest.raises(WeightwiseError, match="14 layer.s. have no exact compressed-tensors form"):
+        export_source(lorc, "compressed-tensors", tmp_path / "out", stream=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(WeightwiseError, match="writes a quantized run as compressed-tensors"):
+        export_source(lorc, "gguf", tmp_path / "out.gguf", stream=True)

@@ -479,6 +479,8 @@ def export_cmd(
     tokenizer_pre: Annotated[Optional[str], typer.Option("--tokenizer-pre", help=_G["tokenizer_pre"].description)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16: the weights of an hf export, the unquantized tensors of a compressed-tensors export.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Read the quantized run one decoder block at a time and write "
+                                         "the output as shards (memory: one block; --to compressed-tensors only).")] = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:
@@ -499,7 +501,7 @@ def export_cmd(
     gguf_config = validated(GGUFExportConfig, options) if to == "gguf" else None
     with console.status(f"exporting {model} to {to}"):
         report = export_source(model, to, output, gguf=gguf_config, dtype=dtype, overwrite=overwrite,
-                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, stream=stream)
     if to == "gguf":
         table = Table(title=f"{output}: {report['file_bytes'] / 1e6:.1f} MB, {report['arch']}")
         for column in ("how", "GGUF type", "tensors", "max |diff|"):

@@ -23,6 +23,8 @@ from weightwise.io.artifacts import (
     output_lock,
     read_manifest,
 )
+from weightwise.io.lazy import LazyWeights
+from weightwise.records import quantization_record
 
 ExportTarget = Literal["gguf", "compressed-tensors", "hf"]
 TARGETS: tuple[str, ...] = ("gguf", "compressed-tensors", "hf")
@@ -30,15 +32,19 @@ TARGETS: tuple[str, ...] = ("gguf", "compressed-tensors", "hf")
 
 def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLike, *,
            gguf: GGUFExportConfig | None = None, dtype: DenseDtype = "fp32", tokenizer_gguf: str | os.PathLike | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, weights: LazyWeights | None = None) -> dict:
     """Write ``model`` to ``path`` for the runtime ``to`` names; returns the exporter's report as a dict.
 
     ``gguf``: the GGUF options (type, fallback, embeddings); ``dtype``: the float dtype of a dense (hf) export and
-    of a compressed-tensors export's unquantized tensors; ``tokenizer_gguf``: a GGUF file whose tokenizer is copied.
+    of a compressed-tensors export's unquantized tensors; ``tokenizer_gguf``: a GGUF file whose tokenizer is copied;
+    ``weights``: ``model`` is a quantized run's meta-device skeleton whose tensors these are, written block by block
+    (compressed-tensors only).
     """
     path = Path(path)
     if to not in TARGETS:
         raise WeightwiseError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
+    if weights is not None and to != "compressed-tensors":
+        raise WeightwiseError(f"block-by-block export writes compressed-tensors only; export {to} with the model in memory")
     with output_lock(path):  # from the existence check to the last file: another export of ``path`` is refused
         if to == "gguf":
             report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
@@ -51,14 +57,21 @@ def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLik
         if path.exists() and not overwrite:
             raise WeightwiseError(f"'{path}' exists; allow overwriting it or choose another output path")
         with atomic_output_dir(path) as tmp:
-            return {"path": str(path), **write_compressed_tensors(model, tokenizer, tmp, TORCH_DTYPES[dtype])}
+            return {"path": str(path), **write_compressed_tensors(model, tokenizer, tmp, TORCH_DTYPES[dtype], weights=weights)}
 
 
 def export_source(source: str | os.PathLike, to: ExportTarget, path: str | os.PathLike, *, allow_pickle: bool = False,
-                  trust_remote_code: bool = False, **options) -> dict:
-    """Load ``source`` (a run folder, a model folder, a .gguf file, "default", …) and :func:`export` it."""
-    from weightwise.io.models import load_model
+                  trust_remote_code: bool = False, stream: bool = False, **options) -> dict:
+    """Load ``source`` (a run folder, a model folder, a .gguf file, "default", …) and :func:`export` it; with
+    ``stream``, a quantized run is read block by block instead (compressed-tensors only; memory: one block)."""
+    from weightwise.io.models import load_model, load_skeleton
 
+    if stream:
+        skeleton = load_skeleton(source, quantized_runs=True)
+        if to != "compressed-tensors" or quantization_record(skeleton.model) is None:
+            raise WeightwiseError(f"block-by-block export writes a quantized run as compressed-tensors; '{source}' to "
+                                  f"{to}: export it with the model in memory (drop the stream option)")
+        return export(skeleton.model, skeleton.tokenizer, to, path, weights=skeleton.weights, **options)
     model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return export(model, tokenizer, to, path, tokenizer_gguf=gguf_tokenizer_source(source), **options)
 

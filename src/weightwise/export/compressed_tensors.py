@@ -7,12 +7,19 @@ offsets are integer multiples of the scales → ``pack-quantized`` with zero poi
 channel scales → ``float-quantized``; mxfp4 → ``mxfp4-pack-quantized``. The package's own compressors pack
 every layer — from our dequantized weight and scales, which their quantize step rounds back to our codes — and
 decompressing the result must give our float32 weight bit for bit. Any other layer is refused, by name.
+
+A quantized run can also be written without loading it whole (``weights``: its tensors read one at a time into a
+meta-device skeleton): one decoder block at a time is read, packed and written as a shard, then emptied; the
+output is then sharded (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``), which
+transformers and vLLM load like one file.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +32,10 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from safetensors.torch import save_file
 from torch import nn
 
+from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import decode_scale, dequantize, group_scales
+from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, source_name, tied_names
 from weightwise.qlinear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -228,36 +237,30 @@ def _rule_problems(scheme: Scheme, out_features: int, in_features: int) -> list[
     return problems
 
 
-def write_compressed_tensors(model: nn.Module, tokenizer, directory: Path, dtype: torch.dtype | None = None) -> dict:
-    """Write ``model`` INTO the existing ``directory`` as a compressed-tensors folder: model.safetensors,
-    config.json with its quantization_config, generation config and tokenizer files.
+def write_compressed_tensors(model: nn.Module, tokenizer, directory: Path, dtype: torch.dtype | None = None, *,
+                             weights: LazyWeights | None = None) -> dict:
+    """Write ``model`` INTO the existing ``directory`` as a compressed-tensors folder: model.safetensors (with
+    ``weights``, shards and their index), config.json with its quantization_config, generation config and tokenizer
+    files.
 
     Non-quantized tensors (embeddings, norms, lm_head, biases) are written as they are, or cast to ``dtype``
     (which also becomes the config's dtype). Raises WeightwiseError listing every layer that cannot be stored
-    exactly, before writing anything. Returns {"format", "groups": {group: {"scheme", "layers"}}, "warnings",
-    "bytes" (of model.safetensors), "compressed_tensors_version"}.
+    exactly (with ``weights``: every layer whose scheme is refused, before anything is written; one whose packing
+    fails, when it is reached). ``weights``: ``model`` is a quantized run's meta-device skeleton whose tensors these
+    are, written block by block (see the module's docstring). Returns {"format", "groups": {group: {"scheme",
+    "layers"}}, "warnings", "bytes" (of the weight files), "compressed_tensors_version"}.
     """
     directory = Path(directory)
     layers = quantized_layers(model)
     if not layers:
         raise WeightwiseError("the model has no quantized layers; quantize it before exporting compressed-tensors")
-    tensors, by_scheme, problems = {}, defaultdict(list), {}
-    for name, layer in layers.items():
-        try:
-            scheme = compressed_tensors_scheme(layer)
-            packed = compress_layer(layer, scheme)
-        except WeightwiseError as err:
-            problems[name] = str(err)
-            continue
-        by_scheme[scheme].append(name)
-        tensors.update({f"{name}.{key}": value for key, value in packed.items()})
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = _cast(layer.bias.detach(), dtype)
-    if problems:
-        listing = "; ".join(f"{name}: {why}" for name, why in problems.items())
-        raise WeightwiseError(f"{len(problems)} layer(s) have no exact compressed-tensors form: {listing}")
-    tensors.update(_dense_tensors(model, layers, dtype))
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if weights is None:
+        tensors, by_scheme = _compress(layers, dtype)
+        tensors.update(_dense_tensors(model, layers, dtype))
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        files = ["model.safetensors"]
+    else:
+        by_scheme, files = _write_block_by_block(model, weights, layers, dtype, directory)
 
     groups = {f"group_{i}": (scheme, names) for i, (scheme, names) in enumerate(by_scheme.items())}
     ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -281,7 +284,7 @@ def write_compressed_tensors(model: nn.Module, tokenizer, directory: Path, dtype
     warnings = vllm_shape_warnings(model) + _loader_warnings(by_scheme, config.dtype)
     for warning in warnings:
         logger.warning("compressed-tensors export: %s", warning)
-    size = (directory / "model.safetensors").stat().st_size
+    size = sum((directory / file).stat().st_size for file in files)
     logger.info("wrote %d quantized layers in %d scheme(s) to %s (%.1f MB)", len(layers), len(groups), directory, size / 1e6)
     return {
         "format": quantization_config.format,
@@ -290,6 +293,88 @@ def write_compressed_tensors(model: nn.Module, tokenizer, directory: Path, dtype
         "bytes": size,
         "compressed_tensors_version": compressed_tensors.__version__,
     }
+
+
+def _compress(layers: Mapping[str, QuantizedLinear], dtype: torch.dtype | None) -> tuple[dict, dict[Scheme, list[str]]]:
+    """The compressed-tensors tensors of ``layers`` (and their biases) by full name, and the layers of each scheme;
+    WeightwiseError listing every layer that has no exact form."""
+    tensors, by_scheme, problems = {}, defaultdict(list), {}
+    for name, layer in layers.items():
+        try:
+            scheme = compressed_tensors_scheme(layer)
+            packed = compress_layer(layer, scheme)
+        except WeightwiseError as err:
+            problems[name] = str(err)
+            continue
+        by_scheme[scheme].append(name)
+        tensors.update({f"{name}.{key}": value for key, value in packed.items()})
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = _cast(layer.bias.detach(), dtype)
+    _refuse(problems)
+    return tensors, by_scheme
+
+
+def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mapping[str, QuantizedLinear],
+                          dtype: torch.dtype | None, directory: Path) -> tuple[dict[Scheme, list[str]], list[str]]:
+    """Write the skeleton ``model`` whose tensors are ``weights`` as shards: one per decoder block (read, packed,
+    written, emptied), one per quantized layer outside the blocks, and one of the other tensors (read one at a time);
+    returns the layers of each scheme and the files written (shards, then the index)."""
+    _compress_check(layers)
+    family = family_of(getattr(model.config, "model_type", "unknown"))
+    units = [name for name, _ in model.named_modules() if re.search(family.blocks, name)]
+    units += [name for name in layers if not any(name.startswith(unit + ".") for unit in units)]
+    ties = tied_names(model)
+    entries = model.state_dict(keep_vars=True)
+    covered = tuple(f"{unit}." for unit in units)
+    tied = {target for target, source in getattr(model, "all_tied_weights_keys", {}).items()  # as _dense_tensors drops them
+            if target in entries and source in entries and entries[target] is entries[source]}
+    rest = [name for name in entries if not name.startswith(covered) and name not in tied]
+    shards = [f"model-{i:05d}-of-{len(units) + 1:05d}.safetensors" for i in range(1, len(units) + 2)]
+    by_scheme: dict[Scheme, list[str]] = defaultdict(list)
+    weight_map: dict[str, str] = {}
+    for unit, shard in zip(units, shards):
+        module = model.get_submodule(unit)
+        materialize(module, unit, weights, ties, dtype=None)  # the skeleton's dtypes: float32 float parts, codes as stored
+        inside = {name: layer for name, layer in layers.items() if name == unit or name.startswith(unit + ".")}
+        tensors, schemes = _compress(inside, dtype)
+        for scheme, names in schemes.items():
+            by_scheme[scheme].extend(names)
+        packed_prefixes = tuple(f"{name}." for name in inside)
+        tensors.update({f"{unit}.{key}": _cast(value, dtype).contiguous() for key, value in module.state_dict().items()
+                        if not f"{unit}.{key}".startswith(packed_prefixes)})
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        module.to("meta")
+        del tensors
+    tensors = {}
+    for name in rest:
+        value = weights.read(source_name(name, weights, ties))
+        tensors[name] = _cast(value.to(entries[name].dtype) if value.is_floating_point() else value, dtype).contiguous()
+    save_file(tensors, str(directory / shards[-1]), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, shards[-1]))
+    total = sum((directory / shard).stat().st_size for shard in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    order = {name: i for i, name in enumerate(layers)}  # schemes' layers in module order, as in memory
+    return {scheme: sorted(names, key=order.get) for scheme, names in by_scheme.items()}, [*shards, SHARD_INDEX]
+
+
+def _compress_check(layers: Mapping[str, QuantizedLinear]) -> None:
+    """Refuse, before any tensor is read, every layer whose spec has no compressed-tensors scheme."""
+    problems = {}
+    for name, layer in layers.items():
+        try:
+            compressed_tensors_scheme(layer)
+        except WeightwiseError as err:
+            problems[name] = str(err)
+    _refuse(problems)
+
+
+def _refuse(problems: Mapping[str, str]) -> None:
+    """WeightwiseError listing every layer (name: why) that has no exact compressed-tensors form, if any."""
+    if problems:
+        listing = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        raise WeightwiseError(f"{len(problems)} layer(s) have no exact compressed-tensors form: {listing}")
 
 
 def _loader_warnings(by_scheme: Mapping[Scheme, list[str]], dtype: torch.dtype) -> list[str]:

@@ -1,0 +1,106 @@
+"""Benchmark: peak memory (RSS) of `weightwise quantize` and `weightwise eval` on a Llama-2-7B-shaped model.
+
+The model (random bf16 weights, 13.5 GB on disk, 27 GB in fp32: more than this machine's memory) is written by
+bench/make_llama7b.py when its folder is missing (not measured). Each row runs the real command in its own process
+under ``/usr/bin/time -v`` and reads its peak RSS, wall clock and CPU times:
+
+- ``rtn``: streamed round-to-nearest int4 g128;
+- ``gptq``: streamed GPTQ int4 g128 with 16 × 512 pydoc calibration tokens;
+- ``eval``: ``eval --stream`` of the ``rtn`` run against the float model as reference (perplexity, KL, top-1) on the
+  first ``--eval-tokens`` tokens of pydoc's eval split, windows of 512: each model read block by block;
+- ``export``: ``export --to compressed-tensors --stream`` of the ``rtn`` run (bf16 embeddings and head), block by block.
+
+Results: bench/results/memory-7b.json and .md; rows of a run with ``--only`` merge into the earlier results
+(``eval`` and ``export`` need the ``rtn`` run's folder).
+
+    .venv/bin/python bench/memory_7b.py --only rtn --only eval --only export    # ~10 min on 2 cores
+    .venv/bin/python bench/memory_7b.py --only gptq                # hours on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from memory import parse_time
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_MB = 6 * 1024
+
+
+def commands(model: Path, work: Path, eval_tokens: int) -> dict[str, list[str]]:
+    """The weightwise arguments of each row."""
+    return {
+        "rtn": ["quantize", str(model), "--format", "int4", "--group-size", "128", "--device", "cpu", "-o", str(work / "rtn")],
+        "gptq": ["quantize", str(model), "--method", "gptq", "--format", "int4", "--group-size", "128", "--calib",
+                 "pydoc:16x512", "--device", "cpu", "-o", str(work / "gptq")],
+        "eval": ["eval", str(work / "rtn"), "--reference", str(model), "--stream", "--max-tokens", str(eval_tokens),
+                 "--window", "512", "--no-speed", "-o", str(work / "eval")],
+        "export": ["export", str(work / "rtn"), "--to", "compressed-tensors", "--stream", "--dtype", "bf16", "--overwrite",
+                   "-o", str(work / "export")],
+    }
+
+
+def run_row(name: str, argv: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "weightwise.cli", *argv], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.splitlines()[-30:])
+        raise SystemExit(f"row {name} failed (exit {done.returncode}):\n{tail}")
+    return {"name": name, "command": "weightwise " + " ".join(argv), **parse_time(done.stderr)}
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"Llama-2-7B-shaped model (`{s['model']}`, random bf16 weights, 13.5 GB), {s['threads']} threads, peak RSS "
+             f"from `/usr/bin/time -v`; target ≤ {TARGET_MB} MiB.", "",
+             "| row | command | peak RSS (MiB) | wall (s) | user (s) | system (s) |", "|---|---|---:|---:|---:|---:|"]
+    for row in results["rows"].values():
+        lines.append(f"| {row['name']} | `{row['command']}` | {row['peak_rss_mb']:.0f} | {row['wall_s']:.0f} | "
+                     f"{row['user_s']:.0f} | {row['system_s']:.0f} |")
+    figures = results["rows"].get("eval", {}).get("figures")
+    if figures:  # random weights: the perplexity means nothing, the run's completion and memory do
+        lines += ["", f"eval row measured ppl {figures['ppl']:.1f}, KL {figures['kl_mean']:.4f}, top-1 agreement "
+                  f"{figures['top1_agreement']:.3f} on {figures['n_tokens_scored']} scored tokens (random weights)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "runs" / "llama7b-random", help="the 7B-shaped folder")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-memory-7b", help="where the rows' outputs go")
+    parser.add_argument("--only", action="append", choices=["rtn", "gptq", "eval", "export"], help="rows to run (repeatable)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads")
+    parser.add_argument("--eval-tokens", type=int, default=1024, help="tokens scored by the eval row")
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_llama7b.py"), "-o", str(args.model)], check=True)
+    out_json = ROOT / "bench" / "results" / "memory-7b.json"
+    settings = {"model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
+                "threads": args.threads, "eval_tokens": args.eval_tokens}
+    results = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    if results.get("settings") != settings:
+        results = {"settings": settings, "rows": {}}
+    from weightwise.io.artifacts import environment_versions, write_json_atomic, write_text_atomic
+
+    results["versions"] = environment_versions()
+    argvs = commands(args.model, args.work, args.eval_tokens)
+    for name in args.only or list(argvs):
+        row = run_row(name, argvs[name], args.threads)
+        if name == "eval":
+            metrics = json.loads((args.work / "eval" / "metrics.json").read_text())["runs"][0]
+            row["figures"] = {k: metrics[k] for k in ("ppl", "kl_mean", "top1_agreement", "n_tokens_scored")}
+        results["rows"][name] = row
+        print(f"{name}: peak RSS {row['peak_rss_mb']:.0f} MiB, wall {row['wall_s']:.0f} s", flush=True)
+        write_json_atomic(out_json, results)
+        write_text_atomic(out_json.with_suffix(".md"), markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
