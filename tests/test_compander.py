@@ -204,6 +204,38 @@ def test_an_interrupted_compander_run_resumes_to_the_same_weights(method, repara
         assert torch.equal(resumed.state_dict()[name], tensor), name
 
 
+def test_qat_trains_its_latent_weights_through_the_compander(toy_task, tmp_path):
+    """QAT from a quantized run (not the model's own weights) with learned α and β: the start is the run exactly, the
+    saved run is the trained model bit for bit, and a killed run resumes to the same codes (α, β and the residual
+    come from the checkpoint, since a resumed run lays its tensors out from round-to-nearest)."""
+    from weightwise.io.folders import save
+    from weightwise.io.models import load_model
+    from weightwise.quantize import quantize
+    from weightwise.tune.config import QATConfig
+
+    start = quantize(tiny_model(), {"format": "int3", "group_size": 32})
+    save(start, tmp_path / "q", tokenizer=tiny_tokenizer())
+    config = quick(toy_task, method="qat", reparam={"name": "compander", "learn": True}, max_steps=6,
+                   checkpoint_every=2, batch_size=4, lr=1e-2)
+    config = config.model_copy(update={"method": QATConfig(format="int3", group_size=32, init=str(tmp_path / "q"))})
+    model, tuner, examples = prepared(config)
+    assert torch.equal(logits(model), logits(start))  # f(V) + r is the run's dequantized weight, exactly
+    assert {name.rpartition(".")[2] for name in tuner.params if ".compander." in name} == {"log_alpha", "log_bound"}
+    reference = tiny_model()
+    tune(reference, tiny_tokenizer(), config, tmp_path / "a")
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    reference.eval()
+    saved, _ = load_model(tmp_path / "a" / "model")
+    assert torch.equal(logits(saved), logits(reference))
+    with pytest.raises(_Kill):
+        tune(tiny_model(), tiny_tokenizer(), config, tmp_path / "b", progress=_kill_at(3))
+    resumed = tiny_model()
+    assert tune(resumed, tiny_tokenizer(), config, tmp_path / "b")["resumed_from_step"] == 2
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
 # --- what it refuses ---------------------------------------------------------------------------
 
 
@@ -211,8 +243,9 @@ def test_config_refuses_methods_that_do_not_train_the_weights():
     assert TuneConfig(method="random", reparam="compander").reparam == CompanderConfig()
     with pytest.raises(ValueError, match="cannot reparameterise method lora"):
         TuneConfig(method="lora", reparam="compander")
-    with pytest.raises(ValueError, match="cannot reparameterise method qat"):
-        TuneConfig(method="qat", reparam="compander")
+    with pytest.raises(ValueError, match="cannot reparameterise method qat-lora"):
+        TuneConfig(method="qat-lora", reparam="compander")
+    assert TuneConfig(method="qat", reparam="compander").reparam == CompanderConfig()
     with pytest.raises(ValueError, match="sparse patch cannot hold"):
         TuneConfig(method="lift", reparam={"name": "compander", "learn": True})
     with pytest.raises(ValueError, match="margin"):

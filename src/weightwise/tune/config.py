@@ -187,6 +187,7 @@ class QATConfig(QuantizerTrainingConfig):
     """
 
     name: Literal["qat"] = "qat"
+    reparametrizable: ClassVar[bool] = True
 
 
 class QATLoraConfig(QuantizerTrainingConfig, LowRankConfig):

@@ -18,6 +18,7 @@ gradients and two Adam moments, the previous codes and directions (1 byte each p
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from weightwise.formats.base import QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes
 from weightwise.formats.quantizer import encode_scale, float_scales, from_groups, group_layout, quantize_tensor, to_groups
 from weightwise.qlinear import QuantizedLinear
+from weightwise.tune import compander
 from weightwise.tune.base import AdamWMethod, freeze
 from weightwise.tune.distill import distillation_loss
 from weightwise.tune.fakequant import (
@@ -180,7 +182,7 @@ class QuantizedRunMethod(AdamWMethod):
         self.tracking = {name: self._start_tracking(layer) for name, layer in self.layers.items()}
         if resume is not None:
             self._restore(resume["tensors"])
-        self.entries = sum(layer.weight.numel() for layer in self.layers.values())
+        self.entries = sum(math.prod(layer.shape) for layer in self.layers.values())
         self.metrics: dict = {}
 
     def _start_tracking(self, layer: FakeQuantLinear) -> dict[str, torch.Tensor]:
@@ -195,6 +197,8 @@ class QuantizedRunMethod(AdamWMethod):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
+            for key, value in self._compander_tensors().items():  # α, β and the residual, as the run started with them
+                value.copy_(tensors[key].to(value.device))
             for name, layer in self.layers.items():
                 for key in ("scales", "offsets", "frozen", "frozen_codes"):
                     if getattr(layer, key) is not None:
@@ -268,8 +272,16 @@ class QuantizedRunMethod(AdamWMethod):
     def step_metrics(self):
         return dict(self.metrics)
 
+    def _compander_tensors(self) -> dict[str, torch.Tensor]:
+        """Each compander's α, β and residual by checkpoint name (none without ``reparam``)."""
+        if self.companded is None:
+            return {}
+        return {f"compander.{name}.{key}": value for name, layer in self.layers.items()
+                for key, value in layer.parametrizations.weight[0].state_dict(keep_vars=True).items()}
+
     def state(self):
         state = super().state()
+        state["tensors"].update({key: value.detach() for key, value in self._compander_tensors().items()})
         for name, layer in self.layers.items():
             for key in ("scales", "offsets", "frozen", "frozen_codes"):
                 if getattr(layer, key) is not None:
@@ -301,7 +313,13 @@ class QATMethod(QuantizedRunMethod):
             self.layers[name] = FakeQuantLinear(weight, scales, offsets, linear.bias, spec, settings.learn_scales, freezing)
         for name, layer in self.layers.items():
             model.set_submodule(name, layer)
-        self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
+        # under the compander the latent weights are f(V) + r and AdamW trains V (and with ``learn`` α and β)
+        self.companded = compander.attach(self.layers, self.config.reparam)
+        if self.companded is None:
+            self.params = {f"{name}.weight": layer.weight for name, layer in self.layers.items()}
+        else:
+            self.params = {f"{name}.weight": v for name, v in self.companded.latents().items()}
+            self.params.update(self.companded.hyperparameters())
         if settings.learn_scales:
             self.params.update({f"{name}.{key}": p for name, layer in self.layers.items()
                                 for key, p in (("scales", layer.scales), ("offsets", layer.offsets)) if p is not None})
@@ -310,9 +328,9 @@ class QATMethod(QuantizedRunMethod):
         return model
 
     def param_groups(self):
-        latents = [layer.weight for layer in self.layers.values()]
-        quantizers = [p for name, p in self.params.items() if not name.endswith(".weight")]
-        return [{"params": latents}] + ([{"params": quantizers, "weight_decay": 0.0}] if quantizers else [])
+        latents = [p for name, p in self.params.items() if name.endswith(".weight")]
+        others = [p for name, p in self.params.items() if not name.endswith(".weight")]  # scales, offsets, α, β
+        return [{"params": latents}] + ([{"params": others, "weight_decay": 0.0}] if others else [])
 
 @contextmanager
 def installed(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
