@@ -136,6 +136,18 @@ def test_atomic_dir_failure_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_saved_folder_is_readable_as_any_new_file(tmp_path):
+    """safetensors writes its files 0600; a saved folder's files get the usual mode under the process's umask."""
+    (tmp_path / "probe").touch()
+    usual = (tmp_path / "probe").stat().st_mode & 0o777
+    run = save(tiny_model(), tmp_path / "run")
+    with atomic_output_dir(tmp_path / "other") as tmp:
+        safetensors.torch.save_file({"a": torch.zeros(2)}, str(tmp / "x.safetensors"))
+        assert (tmp / "x.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors does by itself
+    for path in [*run.iterdir(), tmp_path / "other" / "x.safetensors"]:
+        assert path.stat().st_mode & 0o777 == usual, path
+
+
 def test_atomic_dir_failure_keeps_previous_content(tmp_path):
     target = tmp_path / "out"
     with atomic_output_dir(target) as tmp:

@@ -198,12 +198,25 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
             raise output_error(target, err) from err
         try:
             yield tmp
+            _usual_file_modes(tmp)
             _swap_in(tmp, target)
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if is_write_error(err, tmp, target, target.parent):
                 raise output_error(target, err) from err
             raise
+
+
+def _usual_file_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a new file gets under this process's umask (found by creating one):
+    safetensors writes its files 0600, which would hide a model folder from the other users of a shared machine."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _swap_in(new: Path, target: Path) -> None:
