@@ -248,6 +248,10 @@ def eval_cmd(
 
     cfg = _build(EvalConfig, config, _given(text=text, split=split, max_tokens=max_tokens, window=window,
                                             batch_size=batch_size, measure_speed=speed, stream=stream))
+    if cfg.stream:  # block by block: freed tensors go back to the OS at once (see quantize)
+        from weightwise.heap import mmap_allocations_from
+
+        mmap_allocations_from(1 << 20)
 
     def load(source: str):
         return _load(source, allow_pickle, trust_remote_code)
@@ -499,6 +503,10 @@ def export_cmd(
     if options and to != "gguf":
         raise WeightwiseError(f"{', '.join('--' + k.replace('_', '-') for k in options)} apply to --to gguf only")
     gguf_config = validated(GGUFExportConfig, options) if to == "gguf" else None
+    if stream:  # block by block: freed tensors go back to the OS at once (see quantize)
+        from weightwise.heap import mmap_allocations_from
+
+        mmap_allocations_from(1 << 20)
     with console.status(f"exporting {model} to {to}"):
         report = export_source(model, to, output, gguf=gguf_config, dtype=dtype, overwrite=overwrite,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, stream=stream)

@@ -35,6 +35,7 @@ from torch import nn
 from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import decode_scale, dequantize, group_scales
+from weightwise.heap import return_freed_memory
 from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, source_name, tied_names
 from weightwise.qlinear import QuantizedLinear
 
@@ -333,6 +334,7 @@ def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mappin
     by_scheme: dict[Scheme, list[str]] = defaultdict(list)
     weight_map: dict[str, str] = {}
     for unit, shard in zip(units, shards):
+        return_freed_memory()  # the last unit's tensors, handed back before the next is read
         module = model.get_submodule(unit)
         materialize(module, unit, weights, ties, dtype=None)  # the skeleton's dtypes: float32 float parts, codes as stored
         inside = {name: layer for name, layer in layers.items() if name == unit or name.startswith(unit + ".")}
