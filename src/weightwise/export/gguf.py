@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -115,9 +116,10 @@ class _Tensor:
     gguf_name: str
     data: np.ndarray
     ggml_type: GGMLQuantizationType
-    expected: torch.Tensor  # float32, HF layout
+    expected: Callable[[], torch.Tensor]  # float32, HF layout; computed when compared (a quantized layer's
+    # dequantized weight is not kept for every layer at once: a whole model's worth of float32)
     how: str
-    row_order: torch.Tensor | None  # rows as written = expected[row_order]
+    row_order: torch.Tensor | None  # rows as written = expected()[row_order]
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GGUFExportConfig | None = None, *,
@@ -188,7 +190,8 @@ def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig
                     inexact.setdefault(reason, []).append(name.removesuffix(".weight"))
                     continue
                 fallback_layers.append(name)
-                tensor = _float_tensor(name, gguf_name, source.dequantized_weight().detach(), config.fallback, order, "fallback")
+                tensor = _float_tensor(name, gguf_name, source.dequantized_weight().detach(), config.fallback, order,
+                                       "fallback", source.dequantized_weight)
         elif source.ndim == 1:
             if family.norm_shift and name.endswith("norm.weight"):  # stored as llama.cpp's graph multiplies
                 source = source + family.norm_shift
@@ -218,7 +221,8 @@ def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, 
         return None, f"activation format {layer.act_format}"
     if config.type in ("f16", "bf16", "f32"):
         how = "exact" if config.type == "f32" else "converted"
-        return _float_tensor(name, gguf_name, layer.dequantized_weight().detach(), config.type, order, how), None
+        return _float_tensor(name, gguf_name, layer.dequantized_weight().detach(), config.type, order, how,
+                             layer.dequantized_weight), None
     reason = why_not_exact(layer.spec, (layer.out_features, layer.in_features))
     if reason is not None:
         return None, reason
@@ -231,11 +235,13 @@ def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, 
         return None, str(err)
     if config.type != "auto" and ggml_type != _GGML[config.type]:
         return None, f"{layer.spec.format} maps to {ggml_type.name}"
-    return _Tensor(name, gguf_name, blocks, ggml_type, layer.dequantized_weight().detach(), "exact", order), None
+    return _Tensor(name, gguf_name, blocks, ggml_type, layer.dequantized_weight, "exact", order), None
 
 
-def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, order, how: str) -> _Tensor:
-    """A float tensor stored as ``kind``: a float type as it is, a block type by the type's own rounding rule."""
+def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, order, how: str,
+                  expected: Callable[[], torch.Tensor] | None = None) -> _Tensor:
+    """A float tensor stored as ``kind``: a float type as it is, a block type by the type's own rounding rule.
+    ``expected`` recomputes ``weight`` for the comparison (a dequantized weight is then not kept); default: ``weight``."""
     weight = weight.detach().to(torch.float32).cpu()
     permuted = weight if order is None else weight[order]
     ggml_type = _GGML[kind]
@@ -246,7 +252,9 @@ def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, or
             ggml_type, data = pack_gguf(quantize_tensor(permuted, NATIVE_SPECS[kind], name))
     else:
         data = gguf.quants.quantize(permuted.numpy(), ggml_type)
-    return _Tensor(name, gguf_name, data, ggml_type, weight, how, order)
+    if expected is None:
+        return _Tensor(name, gguf_name, data, ggml_type, lambda: weight, how, order)
+    return _Tensor(name, gguf_name, data, ggml_type, expected, how, order)
 
 
 def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], family: GGUFFamily, tokenizer_gguf,
@@ -326,10 +334,13 @@ def _verify(path: Path, tensors: list[_Tensor]) -> list[GGUFTensorReport]:
     for tensor in tensors:
         read = stored[tensor.gguf_name]
         values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32, copy=True))
-        values = values.reshape(tensor.expected.shape)
+        with torch.no_grad():
+            expected = tensor.expected().detach().to(torch.float32).cpu()
+        values = values.reshape(expected.shape)
         if tensor.row_order is not None:
             values = values[torch.argsort(tensor.row_order)]
-        diff = float((values - tensor.expected).abs().max()) if values.numel() else 0.0
+        diff = float((values - expected).abs().max()) if values.numel() else 0.0
+        del expected
         if tensor.how == "exact" and diff != 0:
             raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized layer "
                                   f"by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
