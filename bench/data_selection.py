@@ -37,6 +37,7 @@ for every arm, so every arm gets the same compute; a smaller subset is just seen
     .venv/bin/python bench/data_selection.py --only random ifd rds oracle --seeds 3
     .venv/bin/python bench/data_selection.py --quick        # the wiring: pool 300, 3 arms, 10 steps, 50 test problems
     .venv/bin/python bench/data_selection.py --report       # the Markdown of the results measured so far
+    .venv/bin/python bench/data_selection.py --throughput-only   # only weightwise's loss/ifd beside wana's scorers
 
 Results are written after every arm (bench/results/select.json and select.md beside it; ``--quick``:
 select-quick.*); a rerun skips arms already measured with the same settings, and a killed arm resumes from
