@@ -17,7 +17,6 @@ transformers and vLLM load like one file.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from collections import defaultdict
@@ -36,7 +35,7 @@ from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import decode_scale, dequantize, group_scales
 from weightwise.heap import return_freed_memory
-from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, source_name, tied_names
+from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, shard_names, source_name, tied_names, write_shard_index
 from weightwise.qlinear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -330,7 +329,7 @@ def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mappin
     tied = {target for target, source in getattr(model, "all_tied_weights_keys", {}).items()  # as _dense_tensors drops them
             if target in entries and source in entries and entries[target] is entries[source]}
     rest = [name for name in entries if not name.startswith(covered) and name not in tied]
-    shards = [f"model-{i:05d}-of-{len(units) + 1:05d}.safetensors" for i in range(1, len(units) + 2)]
+    shards = shard_names(len(units) + 1)
     by_scheme: dict[Scheme, list[str]] = defaultdict(list)
     weight_map: dict[str, str] = {}
     for unit, shard in zip(units, shards):
@@ -355,8 +354,7 @@ def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mappin
     save_file(tensors, str(directory / shards[-1]), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, shards[-1]))
     total = sum((directory / shard).stat().st_size for shard in shards)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_shard_index(directory, weight_map, total)
     order = {name: i for i, name in enumerate(layers)}  # schemes' layers in module order, as in memory
     return {scheme: sorted(names, key=order.get) for scheme, names in by_scheme.items()}, [*shards, SHARD_INDEX]
 

@@ -34,7 +34,16 @@ from weightwise.io.artifacts import (
     write_bytes_atomic,
     write_manifest,
 )
-from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, missing_names, source_name, tied_names
+from weightwise.io.lazy import (
+    SHARD_INDEX,
+    LazyWeights,
+    materialize,
+    missing_names,
+    shard_names,
+    source_name,
+    tied_names,
+    write_shard_index,
+)
 from weightwise.qlinear import QuantizedLinear
 from weightwise.records import QuantizationRecord, attach_record, quantization_record
 
@@ -87,11 +96,11 @@ def save_streamed(model: nn.Module, path: str | os.PathLike, *, block_files: lis
         groups[-1].append(name)
         size += nbytes
     count = len(groups) + len(block_files)
-    shard_names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    names = shard_names(count)
     dropped = {alias: first for alias, first in ties.items() if alias in entries}
     weight_map: dict[str, str] = {}
     with atomic_output_dir(path) as tmp:
-        for group, shard in zip(groups, shard_names):
+        for group, shard in zip(groups, names):
             tensors = {}
             for name in group:
                 value = weights.read(source_name(name, weights, ties))
@@ -101,12 +110,11 @@ def save_streamed(model: nn.Module, path: str | os.PathLike, *, block_files: lis
             canonicalize_safetensors_file(tmp / shard)
             weight_map.update(dict.fromkeys(tensors, shard))
             del tensors
-        for file, shard in zip(block_files, shard_names[len(groups):]):
+        for file, shard in zip(block_files, names[len(groups):]):
             _link_or_copy(file, tmp / shard)
             weight_map.update(dict.fromkeys(_tensor_names(file), shard))
         total = sum(entries[name].numel() * entries[name].element_size() for name in weight_map if name in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_shard_index(tmp, weight_map, total)
         _write_beside_weights(tmp, path, model, tokenizer, None, None, manifest)
     logger.info("saved %s (%d shards)", path, count)
     return path

@@ -27,6 +27,17 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+def shard_names(count: int) -> list[str]:
+    """The Hugging Face names of ``count`` weight shards: model-00001-of-0000N.safetensors, ..."""
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_shard_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``directory``'s model.safetensors.index.json: each tensor's shard (sorted by name) and the tensors' total bytes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 class NotStreamable(WeightwiseError):
     """A model or recipe that cannot be worked on one block at a time; the message says why and what to do instead."""
 
