@@ -256,5 +256,6 @@ def test_block_by_block_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(WeightwiseError, match="14 layer.s. have no exact compressed-tensors form"):
         export_source(lorc, "compressed-tensors", tmp_path / "out", stream=True)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    with pytest.raises(WeightwiseError, match="writes a quantized run as compressed-tensors"):
-        export_source(lorc, "gguf", tmp_path / "out.gguf", stream=True)
+    tiny_model(vocab_size=VOCAB).save_pretrained(tmp_path / "float")
+    with pytest.raises(WeightwiseError, match="writes a quantized run as compressed-tensors; .* is not one"):
+        export_source(tmp_path / "float", "compressed-tensors", tmp_path / "out", stream=True)

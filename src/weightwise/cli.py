@@ -483,8 +483,9 @@ def export_cmd(
     tokenizer_pre: Annotated[Optional[str], typer.Option("--tokenizer-pre", help=_G["tokenizer_pre"].description)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, fp16 or bf16: the weights of an hf export, the unquantized tensors of a compressed-tensors export.")] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Read the quantized run one decoder block at a time and write "
-                                         "the output as shards (memory: one block; --to compressed-tensors only).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Read the model one decoder block at a time (memory: one "
+                                         "block): a quantized run, a model folder or a .gguf file --to gguf; a quantized "
+                                         "run --to compressed-tensors (written as shards).")] = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: RemoteCodeOpt = False,
 ) -> None:

@@ -37,17 +37,18 @@ def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLik
 
     ``gguf``: the GGUF options (type, fallback, embeddings); ``dtype``: the float dtype of a dense (hf) export and
     of a compressed-tensors export's unquantized tensors; ``tokenizer_gguf``: a GGUF file whose tokenizer is copied;
-    ``weights``: ``model`` is a quantized run's meta-device skeleton whose tensors these are, written block by block
-    (compressed-tensors only).
+    ``weights``: ``model`` is a meta-device skeleton whose tensors these are, written block by block (gguf, and
+    compressed-tensors of a quantized run).
     """
     path = Path(path)
     if to not in TARGETS:
         raise WeightwiseError(f"unknown export target '{to}'; choose one of {', '.join(TARGETS)}")
-    if weights is not None and to != "compressed-tensors":
-        raise WeightwiseError(f"block-by-block export writes compressed-tensors only; export {to} with the model in memory")
+    if weights is not None and to == "hf":
+        raise WeightwiseError("block-by-block export writes gguf or compressed-tensors; export hf with the model in memory")
     with output_lock(path):  # from the existence check to the last file: another export of ``path`` is refused
         if to == "gguf":
-            report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
+            report: GGUFExportReport = export_gguf(model, tokenizer, path, gguf, tokenizer_gguf=tokenizer_gguf,
+                                                   overwrite=overwrite, weights=weights)
             return report.model_dump()
         if to == "hf":
             export_hf(model, tokenizer, path, dtype, overwrite=overwrite)
@@ -63,15 +64,20 @@ def export(model: nn.Module, tokenizer, to: ExportTarget, path: str | os.PathLik
 def export_source(source: str | os.PathLike, to: ExportTarget, path: str | os.PathLike, *, allow_pickle: bool = False,
                   trust_remote_code: bool = False, stream: bool = False, **options) -> dict:
     """Load ``source`` (a run folder, a model folder, a .gguf file, "default", …) and :func:`export` it; with
-    ``stream``, a quantized run is read block by block instead (compressed-tensors only; memory: one block)."""
+    ``stream``, the source (a quantized run, a Hugging Face folder, a .gguf file) is read block by block instead
+    (memory: one block) and written as GGUF, or a quantized run as compressed-tensors."""
     from weightwise.io.models import load_model, load_skeleton
 
     if stream:
+        if to == "hf":
+            raise WeightwiseError("block-by-block export writes gguf or compressed-tensors; export hf with the model in "
+                                  "memory (drop the stream option)")
         skeleton = load_skeleton(source, quantized_runs=True)
-        if to != "compressed-tensors" or quantization_record(skeleton.model) is None:
-            raise WeightwiseError(f"block-by-block export writes a quantized run as compressed-tensors; '{source}' to "
-                                  f"{to}: export it with the model in memory (drop the stream option)")
-        return export(skeleton.model, skeleton.tokenizer, to, path, weights=skeleton.weights, **options)
+        if to == "compressed-tensors" and quantization_record(skeleton.model) is None:
+            raise WeightwiseError(f"block-by-block export writes a quantized run as compressed-tensors; '{source}' is not "
+                                  "one: quantize it first, or export it with the model in memory (drop the stream option)")
+        return export(skeleton.model, skeleton.tokenizer, to, path, weights=skeleton.weights,
+                      tokenizer_gguf=gguf_tokenizer_source(source), **options)
     model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return export(model, tokenizer, to, path, tokenizer_gguf=gguf_tokenizer_source(source), **options)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,8 +33,7 @@ from torch import nn
 from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.formats.quantizer import decode_scale, dequantize, group_scales
-from weightwise.heap import return_freed_memory
-from weightwise.io.lazy import SHARD_INDEX, LazyWeights, materialize, shard_names, source_name, tied_names, write_shard_index
+from weightwise.io.lazy import SHARD_INDEX, LazyWeights, each_unit, shard_names, unit_names, write_shard_index
 from weightwise.qlinear import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -317,27 +315,22 @@ def _compress(layers: Mapping[str, QuantizedLinear], dtype: torch.dtype | None) 
 def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mapping[str, QuantizedLinear],
                           dtype: torch.dtype | None, directory: Path) -> tuple[dict[Scheme, list[str]], list[str]]:
     """Write the skeleton ``model`` whose tensors are ``weights`` as shards: one per decoder block (read, packed,
-    written, emptied), one per quantized layer outside the blocks, and one of the other tensors (read one at a time);
-    returns the layers of each scheme and the files written (shards, then the index)."""
+    written, emptied), one per quantized layer outside the blocks, and one of the other tensors (read one module at
+    a time); returns the layers of each scheme and the files written (shards, then the index)."""
     _compress_check(layers)
-    family = family_of(getattr(model.config, "model_type", "unknown"))
-    units = [name for name, _ in model.named_modules() if re.search(family.blocks, name)]
-    units += [name for name in layers if not any(name.startswith(unit + ".") for unit in units)]
-    ties = tied_names(model)
+    units = unit_names(model, family_of(getattr(model.config, "model_type", "unknown")).blocks, whole=layers)
     entries = model.state_dict(keep_vars=True)
-    covered = tuple(f"{unit}." for unit in units)
     tied = {target for target, source in getattr(model, "all_tied_weights_keys", {}).items()  # as _dense_tensors drops them
             if target in entries and source in entries and entries[target] is entries[source]}
-    rest = [name for name in entries if not name.startswith(covered) and name not in tied]
-    shards = shard_names(len(units) + 1)
+    whole = [unit for unit in units if unit[1]]
+    rest = [(name, recurse) for name, recurse in units if not recurse and
+            any(f"{name}.{key}".lstrip(".") not in tied for key in model.get_submodule(name).state_dict() if "." not in key)]
+    shards = shard_names(len(whole) + 1)
     by_scheme: dict[Scheme, list[str]] = defaultdict(list)
     weight_map: dict[str, str] = {}
-    for unit, shard in zip(units, shards):
-        return_freed_memory()  # the last unit's tensors, handed back before the next is read
-        module = model.get_submodule(unit)
-        materialize(module, unit, weights, ties, dtype=None)  # the skeleton's dtypes: float32 float parts, codes as stored
-        inside = {name: layer for name, layer in layers.items() if name == unit or name.startswith(unit + ".")}
-        tensors, schemes = _compress(inside, dtype)
+    for (unit, _, module), shard in zip(each_unit(model, whole, weights), shards):  # the skeleton's dtypes: float32
+        inside = {name: layer for name, layer in layers.items() if name == unit or name.startswith(unit + ".")}  # float
+        tensors, schemes = _compress(inside, dtype)  # parts, codes as stored
         for scheme, names in schemes.items():
             by_scheme[scheme].extend(names)
         packed_prefixes = tuple(f"{name}." for name in inside)
@@ -345,12 +338,11 @@ def _write_block_by_block(model: nn.Module, weights: LazyWeights, layers: Mappin
                         if not f"{unit}.{key}".startswith(packed_prefixes)})
         save_file(tensors, str(directory / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
-        module.to("meta")
         del tensors
     tensors = {}
-    for name in rest:
-        value = weights.read(source_name(name, weights, ties))
-        tensors[name] = _cast(value.to(entries[name].dtype) if value.is_floating_point() else value, dtype).contiguous()
+    for unit, _, module in each_unit(model, rest, weights):
+        own = {f"{unit}.{key}".lstrip("."): value for key, value in module.state_dict().items() if "." not in key}
+        tensors.update({name: _cast(value, dtype).contiguous() for name, value in own.items() if name not in tied})
     save_file(tensors, str(directory / shards[-1]), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(tensors, shards[-1]))
     total = sum((directory / shard).stat().st_size for shard in shards)

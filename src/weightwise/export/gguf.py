@@ -36,6 +36,7 @@ from weightwise.export.gguf_types import (
 from weightwise.export.gguf_families import GGUF_FAMILIES, GGUFFamily, rope_settings, write_family_metadata
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
+from weightwise.architectures import family_of
 from weightwise.io.artifacts import (
     environment_versions,
     is_write_error,
@@ -44,6 +45,7 @@ from weightwise.io.artifacts import (
     state_dict_fingerprint,
     write_json_atomic,
 )
+from weightwise.io.lazy import LazyStateDict, LazyWeights, each_unit, tied_names, unit_names
 from weightwise.qlinear import QuantizedLinear
 from weightwise.records import quantization_record
 
@@ -114,20 +116,26 @@ class _Tensor:
 
     name: str
     gguf_name: str
-    data: np.ndarray
+    data: np.ndarray | None  # dropped once handed to the writer
     ggml_type: GGMLQuantizationType
-    expected: Callable[[], torch.Tensor]  # float32, HF layout; computed when compared (a quantized layer's
-    # dequantized weight is not kept for every layer at once: a whole model's worth of float32)
+    expected: Callable[[], torch.Tensor]  # float32, HF layout, read from the model when compared (a quantized
+    # layer's dequantized weight is not kept for every layer at once: a whole model's worth of float32)
     how: str
     row_order: torch.Tensor | None  # rows as written = expected()[row_order]
+    unit: int = 0  # the model part (io.lazy.unit_names) it belongs to: compared while that part is in memory
 
 
 def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GGUFExportConfig | None = None, *,
-                tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> GGUFExportReport:
+                tokenizer_gguf: str | os.PathLike | None = None, overwrite: bool = False,
+                weights: LazyWeights | None = None) -> GGUFExportReport:
     """Write ``model`` to ``path`` as GGUF, read it back and compare; returns the per-tensor report.
 
     ``tokenizer_gguf``: a GGUF file whose tokenizer metadata is copied (the model's source); otherwise the
-    tokenizer is written from ``tokenizer``'s Hugging Face files with gguf-py's vocab tools.
+    tokenizer is written from ``tokenizer``'s Hugging Face files with gguf-py's vocab tools. ``weights``: ``model``
+    is a meta-device skeleton whose tensors these are; each decoder block (and each other part) is then read,
+    packed into the file's data and emptied, and read again for the comparison (memory: one block). The file is
+    the same either way: tensors are packed part by part, in model order, into a temporary data file beside the
+    output, which follows the header.
     """
     config = config or GGUFExportConfig()
     path = Path(path)
@@ -138,14 +146,30 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
     if family is None:
         raise WeightwiseError(f"architecture '{model_type}' has no GGUF exporter (supported: {', '.join(sorted(GGUF_FAMILIES))}); "
                               "export it with --to hf or --to compressed-tensors instead")
-    tensors, fallback_layers = _plan_tensors(model, family, config)
+    if tokenizer_gguf is None and tokenizer is None:
+        raise WeightwiseError("the model has no tokenizer: llama.cpp needs one in the GGUF file; save it with the model")
+    record = quantization_record(model)
+    if record is not None:
+        fingerprint = record.source_fingerprint
+    elif weights is not None:
+        fingerprint = state_dict_fingerprint(LazyStateDict(model, weights), ties=tied_names(model))
+    else:
+        fingerprint = state_dict_fingerprint(model)
+    units = unit_names(model, family_of(model_type).blocks,
+                       whole={name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)})
     sidecar = path.with_name(path.name + ".json")  # the report, written under its own lock too: a killed
     with output_lock(path), output_lock(sidecar):  # writer's temporaries of either go at the next export
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # created by the writer with the usual permissions
         try:
-            _write(tmp, model, tokenizer, tensors, family, tokenizer_gguf, config)
-            report_tensors = _verify(tmp, tensors)
-            fingerprint = (quantization_record(model).source_fingerprint if quantization_record(model) else state_dict_fingerprint(model))
+            with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.data-") as data:  # gone when closed
+                writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch], use_temp_file=True)
+                writer.temp_file = data  # gguf-py spools added tensors here (its default: memory, then /tmp)
+                try:
+                    tensors, fallback_layers = _add_tensors(writer, model, units, weights, family, config)
+                    _write(writer, model, tokenizer, family, tokenizer_gguf, config, fingerprint)
+                finally:
+                    writer.close()
+            report_tensors = _verify(tmp, tensors, model, units, weights)
             report = GGUFExportReport(path=str(path), file_bytes=tmp.stat().st_size, arch=family.arch.name.lower(),
                                       tensors=report_tensors, fallback_layers=fallback_layers, source_fingerprint=fingerprint)
             os.replace(tmp, path)
@@ -156,53 +180,32 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
             raise
         write_json_atomic(sidecar, {
             "kind": "gguf-export", "config": config.model_dump(), "versions": environment_versions(),
-            "recipe": quantization_record(model).recipe if quantization_record(model) else None,
+            "recipe": record.recipe if record else None,
             **report.model_dump(),
         })
     logger.info("wrote %s (%d tensors, %d exact)", path, len(report.tensors), report.exact_layers)
     return report
 
 
-def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig) -> tuple[list[_Tensor], list[str]]:
-    """Every tensor of the model with its GGUF name, type and data; the layers that needed the fallback."""
+def _add_tensors(writer: GGUFWriter, model: nn.Module, units: list[tuple[str, bool]], weights: LazyWeights | None,
+                 family: GGUFFamily, config: GGUFExportConfig) -> tuple[list[_Tensor], list[str]]:
+    """Pack every tensor of the model, part by part, and add it to ``writer`` (its data then leaves memory); returns
+    the tensors (without data) and the layers that needed the fallback. Every layer without an exact type is
+    listed in one error, raised before anything is written under the output's name."""
     cfg = model.config
     names = gguf.get_tensor_name_map(family.arch, cfg.num_hidden_layers)
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
-    sources: dict[str, QuantizedLinear | torch.Tensor] = {
-        f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
-    sources.update({name: param.detach() for name, param in model.named_parameters()})  # tied lm_head appears once
-    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    kept = {name for name, _ in model.named_parameters()}  # a tied lm_head appears once
     tensors, inexact, fallback_layers = [], {}, []
-    for name, source in sources.items():
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise WeightwiseError(f"tensor '{name}' has no GGUF name for architecture {family.arch.name.lower()}; "
-                                  "this model layout is not supported by the GGUF exporter")
-        projection = name.rsplit(".", 2)[-2]
-        order = None
-        if family.permute_qk and projection in heads:
-            rows = source.out_features if isinstance(source, QuantizedLinear) else source.shape[0]
-            order = llama_qk_row_order(rows, heads[projection])
-        if isinstance(source, QuantizedLinear):
-            tensor, reason = _quantized_tensor(name, gguf_name, source, order, config, heads.get(projection))
-            if reason is not None:
-                if config.fallback is None:
-                    inexact.setdefault(reason, []).append(name.removesuffix(".weight"))
-                    continue
-                fallback_layers.append(name)
-                tensor = _float_tensor(name, gguf_name, source.dequantized_weight().detach(), config.fallback, order,
-                                       "fallback", source.dequantized_weight)
-        elif source.ndim == 1:
-            if family.norm_shift and name.endswith("norm.weight"):  # stored as llama.cpp's graph multiplies
-                source = source + family.norm_shift
-            tensor = _float_tensor(name, gguf_name, source, "f32", order, "converted")
-        elif name in embeddings:
-            lossy = config.embeddings in NATIVE_SPECS and config.embeddings != "q8_0"
-            tensor = _float_tensor(name, gguf_name, source, config.embeddings, order, "requantized" if lossy else "converted")
-        else:  # a float linear layer
-            kind = "f32" if config.type == "auto" else config.type
-            tensor = _float_tensor(name, gguf_name, source, kind, order, "converted" if kind in ("f16", "bf16", "f32") else "requantized")
-        tensors.append(tensor)
+    for index, (unit, recurse, module) in enumerate(each_unit(model, units, weights)):
+        for name, source in _sources(unit, recurse, module, kept):
+            tensor = _plan_tensor(name, source, model, names, heads, family, config, inexact, fallback_layers)
+            if tensor is None:
+                continue
+            tensor.unit = index
+            writer.add_tensor(tensor.gguf_name, tensor.data, raw_dtype=tensor.ggml_type)
+            tensor.data = None
+            tensors.append(tensor)
     if inexact:
         layers = [name for group in inexact.values() for name in group]
         why = "; ".join(f"{reason}: {', '.join(group[:3])}{' …' if len(group) > 3 else ''}" for reason, group in inexact.items())
@@ -210,6 +213,54 @@ def _plan_tensors(model: nn.Module, family: GGUFFamily, config: GGUFExportConfig
                               f"({why}); choose a fallback type (q8_0, f16 or f32) to re-quantize just them and see the "
                               "error it adds, or quantize with a format that has an exact type")
     return tensors, fallback_layers
+
+
+def _sources(unit: str, recurse: bool, module: nn.Module, kept: set[str]) -> list[tuple[str, QuantizedLinear | str]]:
+    """The tensors a model part contributes, by full name: each quantized layer's weight as the layer, every other
+    parameter (tied copies left out) as its name."""
+    prefix = f"{unit}." if unit else ""
+    layers = {f"{prefix}{name}".rstrip("."): layer for name, layer in module.named_modules()
+              if isinstance(layer, QuantizedLinear) and (recurse or layer is module)}
+    sources: list[tuple[str, QuantizedLinear | str]] = [(f"{name}.weight", layer) for name, layer in layers.items()]
+    sources += [(f"{prefix}{name}", f"{prefix}{name}") for name, _ in module.named_parameters(recurse=recurse)
+                if f"{prefix}{name}" in kept]
+    return sources
+
+
+def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, names, heads: dict, family: GGUFFamily,
+                 config: GGUFExportConfig, inexact: dict[str, list[str]], fallback_layers: list[str]) -> _Tensor | None:
+    """One tensor with its GGUF name, type and data; None for a layer with no exact type (added to ``inexact``)."""
+    gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise WeightwiseError(f"tensor '{name}' has no GGUF name for architecture {family.arch.name.lower()}; "
+                              "this model layout is not supported by the GGUF exporter")
+    projection = name.rsplit(".", 2)[-2]
+    order = None
+    if family.permute_qk and projection in heads:
+        rows = source.out_features if isinstance(source, QuantizedLinear) else model.get_parameter(source).shape[0]
+        order = llama_qk_row_order(rows, heads[projection])
+    if isinstance(source, QuantizedLinear):
+        tensor, reason = _quantized_tensor(name, gguf_name, source, order, config, heads.get(projection))
+        if reason is None:
+            return tensor
+        if config.fallback is None:
+            inexact.setdefault(reason, []).append(name.removesuffix(".weight"))
+            return None
+        fallback_layers.append(name)
+        return _float_tensor(name, gguf_name, source.dequantized_weight, config.fallback, order, "fallback")
+    parameter = model.get_parameter(source)
+    if parameter.ndim == 1:
+        if family.norm_shift and name.endswith("norm.weight"):  # stored as llama.cpp's graph multiplies
+            shift = family.norm_shift
+            return _float_tensor(name, gguf_name, lambda: model.get_parameter(source) + shift, "f32", order, "converted")
+        return _float_tensor(name, gguf_name, lambda: model.get_parameter(source), "f32", order, "converted")
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        lossy = config.embeddings in NATIVE_SPECS and config.embeddings != "q8_0"
+        return _float_tensor(name, gguf_name, lambda: model.get_parameter(source), config.embeddings, order,
+                             "requantized" if lossy else "converted")
+    kind = "f32" if config.type == "auto" else config.type  # a float linear layer
+    return _float_tensor(name, gguf_name, lambda: model.get_parameter(source), kind, order,
+                         "converted" if kind in ("f16", "bf16", "f32") else "requantized")
 
 
 def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, config: GGUFExportConfig,
@@ -221,8 +272,7 @@ def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, 
         return None, f"activation format {layer.act_format}"
     if config.type in ("f16", "bf16", "f32"):
         how = "exact" if config.type == "f32" else "converted"
-        return _float_tensor(name, gguf_name, layer.dequantized_weight().detach(), config.type, order, how,
-                             layer.dequantized_weight), None
+        return _float_tensor(name, gguf_name, layer.dequantized_weight, config.type, order, how), None
     reason = why_not_exact(layer.spec, (layer.out_features, layer.in_features))
     if reason is not None:
         return None, reason
@@ -238,11 +288,11 @@ def _quantized_tensor(name: str, gguf_name: str, layer: QuantizedLinear, order, 
     return _Tensor(name, gguf_name, blocks, ggml_type, layer.dequantized_weight, "exact", order), None
 
 
-def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, order, how: str,
-                  expected: Callable[[], torch.Tensor] | None = None) -> _Tensor:
+def _float_tensor(name: str, gguf_name: str, read: Callable[[], torch.Tensor], kind: str, order, how: str) -> _Tensor:
     """A float tensor stored as ``kind``: a float type as it is, a block type by the type's own rounding rule.
-    ``expected`` recomputes ``weight`` for the comparison (a dequantized weight is then not kept); default: ``weight``."""
-    weight = weight.detach().to(torch.float32).cpu()
+    ``read`` gives the weight (HF layout), now for the data and again for the comparison."""
+    with torch.no_grad():
+        weight = read().detach().to(torch.float32).cpu()
     permuted = weight if order is None else weight[order]
     ggml_type = _GGML[kind]
     if kind in NATIVE_SPECS and weight.ndim == 2:
@@ -252,15 +302,13 @@ def _float_tensor(name: str, gguf_name: str, weight: torch.Tensor, kind: str, or
             ggml_type, data = pack_gguf(quantize_tensor(permuted, NATIVE_SPECS[kind], name))
     else:
         data = gguf.quants.quantize(permuted.numpy(), ggml_type)
-    if expected is None:
-        return _Tensor(name, gguf_name, data, ggml_type, lambda: weight, how, order)
-    return _Tensor(name, gguf_name, data, ggml_type, expected, how, order)
+    return _Tensor(name, gguf_name, data, ggml_type, read, how, order)
 
 
-def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], family: GGUFFamily, tokenizer_gguf,
-           config: GGUFExportConfig) -> None:
+def _write(writer: GGUFWriter, model: nn.Module, tokenizer, family: GGUFFamily, tokenizer_gguf, config: GGUFExportConfig,
+           fingerprint: str) -> None:
+    """Add the metadata llama.cpp reads (hyperparameters, tokenizer, weightwise's recipe) and write the file."""
     cfg = model.config
-    writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch])
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_name(getattr(cfg, "name_or_path", "") or "weightwise model")
     writer.add_context_length(cfg.max_position_embeddings)
@@ -279,22 +327,17 @@ def _write(tmp: Path, model: nn.Module, tokenizer, tensors: list[_Tensor], famil
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     record = quantization_record(model)
     writer.add_string("weightwise.version", environment_versions()["weightwise"] or "unknown")
-    writer.add_string("weightwise.source_fingerprint", record.source_fingerprint if record else state_dict_fingerprint(model))
+    writer.add_string("weightwise.source_fingerprint", fingerprint)
     if record is not None:
         writer.add_string("weightwise.recipe", json.dumps(record.recipe, sort_keys=True))
         writer.add_string("weightwise.formats", record.format_label)
     if tokenizer_gguf is not None:
         _copy_tokenizer(writer, Path(tokenizer_gguf))
-    elif tokenizer is not None:
-        _write_hf_tokenizer(writer, tokenizer, config.tokenizer_pre)
     else:
-        raise WeightwiseError("the model has no tokenizer: llama.cpp needs one in the GGUF file; save it with the model")
-    for tensor in tensors:
-        writer.add_tensor(tensor.gguf_name, tensor.data, raw_dtype=tensor.ggml_type)
+        _write_hf_tokenizer(writer, tokenizer, config.tokenizer_pre)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
-    writer.close()
 
 
 def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
@@ -326,24 +369,31 @@ def _write_hf_tokenizer(writer: GGUFWriter, tokenizer, pre: str) -> None:
         gguf.vocab.SpecialVocab(Path(folder), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
-def _verify(path: Path, tensors: list[_Tensor]) -> list[GGUFTensorReport]:
-    """Read the file back with gguf-py and compare every tensor (permutation undone) with what it stands for."""
+def _verify(path: Path, tensors: list[_Tensor], model: nn.Module, units: list[tuple[str, bool]],
+            weights: LazyWeights | None) -> list[GGUFTensorReport]:
+    """Read the file back with gguf-py and compare every tensor (permutation undone) with what it stands for, part by
+    part (with ``weights``, each read again for its turn)."""
     reader = GGUFReader(path)
     stored = {t.name: t for t in reader.tensors}
     reports = []
+    by_unit: dict[int, list[_Tensor]] = {}
     for tensor in tensors:
-        read = stored[tensor.gguf_name]
-        values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32, copy=True))
-        with torch.no_grad():
-            expected = tensor.expected().detach().to(torch.float32).cpu()
-        values = values.reshape(expected.shape)
-        if tensor.row_order is not None:
-            values = values[torch.argsort(tensor.row_order)]
-        diff = float((values - expected).abs().max()) if values.numel() else 0.0
-        del expected
-        if tensor.how == "exact" and diff != 0:
-            raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized layer "
-                                  f"by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
-        reports.append(GGUFTensorReport(name=tensor.name, gguf_name=tensor.gguf_name, type=read.tensor_type.name,
-                                        how=tensor.how, max_abs_diff=diff))
+        by_unit.setdefault(tensor.unit, []).append(tensor)
+    wanted = [unit for index, unit in enumerate(units) if index in by_unit]
+    for (unit, _, _), index in zip(each_unit(model, wanted, weights), sorted(by_unit)):
+        for tensor in by_unit[index]:
+            read = stored[tensor.gguf_name]
+            values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32, copy=True))
+            with torch.no_grad():
+                expected = tensor.expected().detach().to(torch.float32).cpu()
+            values = values.reshape(expected.shape)
+            if tensor.row_order is not None:
+                values = values[torch.argsort(tensor.row_order)]
+            diff = float((values - expected).abs().max()) if values.numel() else 0.0
+            del expected
+            if tensor.how == "exact" and diff != 0:
+                raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized "
+                                      f"layer by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
+            reports.append(GGUFTensorReport(name=tensor.name, gguf_name=tensor.gguf_name, type=read.tensor_type.name,
+                                            how=tensor.how, max_abs_diff=diff))
     return reports

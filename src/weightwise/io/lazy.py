@@ -10,7 +10,8 @@ it again. So a model far larger than memory can be worked on one part at a time.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -175,6 +176,50 @@ def materialize(module: nn.Module, prefix: str, weights: LazyWeights, ties: Mapp
     for name, first in shared.items():
         owner_name, _, attr = local[name].rpartition(".")
         setattr(module.get_submodule(owner_name), attr, module.get_parameter(local[first]))
+
+
+def unit_names(model: nn.Module, blocks: str, whole: Collection[str] = ()) -> list[tuple[str, bool]]:
+    """The parts a model is worked on one at a time, in model order, as (module name, recurse): every module whose
+    name matches the regex ``blocks`` (a decoder block) or is in ``whole`` (e.g. a quantized layer) outside those,
+    with all its tensors; every other module that has tensors of its own, with just those. Together they hold each
+    parameter and buffer once."""
+    units: list[tuple[str, bool]] = []
+    inside: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if re.search(blocks, name) or name in whole:
+            units.append((name, True))
+            inside += (f"{name}.",)
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            units.append((name, False))
+    return units
+
+
+def each_unit(model: nn.Module, units: list[tuple[str, bool]], weights: LazyWeights | None = None,
+              dtype: torch.dtype | None = None) -> Iterator[tuple[str, bool, nn.Module]]:
+    """(name, recurse, module) for each of :func:`unit_names`' ``units``. With ``weights`` (``model`` is a meta-device
+    skeleton), each is filled from them (floating tensors as ``dtype``; None: the skeleton's dtypes) for its turn and
+    emptied after it, its very meta tensors put back (ties kept), and the memory handed back to the OS: memory holds
+    one unit at a time."""
+    from weightwise.heap import return_freed_memory
+
+    ties = tied_names(model) if weights is not None else {}
+    for name, recurse in units:
+        module = model.get_submodule(name)
+        if weights is None:
+            yield name, recurse, module
+            continue
+        owners = list(module.modules()) if recurse else [module]
+        saved = [(owner, attr, tensor) for owner in owners
+                 for attr, tensor in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]]
+        materialize(module, name, weights, ties, dtype, recurse=recurse)
+        try:
+            yield name, recurse, module
+        finally:
+            for owner, attr, tensor in saved:
+                setattr(owner, attr, tensor)
+            return_freed_memory()
 
 
 class LazyStateDict(Mapping):
