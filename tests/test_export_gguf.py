@@ -314,6 +314,31 @@ def test_every_supported_family_reloads_through_transformers_and_llama_cpp(tmp_p
     assert np.abs(got - expected[0].numpy()).max() < 0.05 * np.abs(expected[0].numpy()).max()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma3_text"])
+def test_a_gguf_source_is_read_tensor_by_tensor_into_what_transformers_loads(tmp_path, monkeypatch, model_type):
+    """The GGUF cache is written one shard at a time (here 64 KiB, so several): the inverse of the exporter (Q/K rows,
+    Gemma's norms), equal tensor for tensor to transformers' whole-file load."""
+    from weightwise.io import gguf_read
+    from weightwise.io.models import load_model, load_skeleton
+
+    monkeypatch.setenv("WEIGHTWISE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_read, "SHARD_BYTES", 1 << 16)
+    qmodel = quantize(_family_model(model_type), {"format": "int4", "group_size": 32})
+    export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf", GGUFExportConfig(embeddings="q8_0"))
+    model, tokenizer = load_model(tmp_path / "m.gguf")
+    (cache,) = (tmp_path / "cache" / "gguf").glob("*/model.safetensors.index.json")
+    assert len(set(json.loads(cache.read_text())["weight_map"].values())) > 2
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ours = model.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        assert ours[name].dtype == torch.float32 and torch.equal(ours[name], value), name
+    assert tokenizer("hello").input_ids == TOKENIZER("hello").input_ids
+    skeleton = load_skeleton(tmp_path / "m.gguf")  # the streamed loaders read the same cache
+    assert skeleton.model.config.model_type == model.config.model_type and len(skeleton.weights.files) == len(ours) - (
+        model.config.tie_word_embeddings and "lm_head.weight" in ours)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64"),
     ({"layer_types": ["full_attention", "full_attention"]}, "llama.cpp's fixed pattern"),

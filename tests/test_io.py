@@ -433,6 +433,24 @@ def test_default_model_end_to_end():
     assert os.listdir(cache_dir() / "gguf")
 
 
+@pytest.mark.slow
+def test_the_default_gguf_is_converted_tensor_by_tensor_like_transformers_loads_it(tmp_path, monkeypatch, caplog):
+    """The real default file (llama architecture, Q4_1/Q6_K tensors, tied output): the streamed conversion gives
+    transformers' own tensors, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("WEIGHTWISE_CACHE", str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="weightwise.io.models"):
+        ours, _ = load_model("default")
+    assert "converted tensor by tensor" in caplog.text
+    path = default_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    state = ours.state_dict()
+    assert state.keys() == reference.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(state[name], value), name
+
+
 def test_quantized_model_folder_goes_to_load_quantized(tmp_path, monkeypatch):
     import weightwise.io.models as models
 

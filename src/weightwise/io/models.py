@@ -3,7 +3,8 @@ quantized-model folder or a hub id already in the local Hugging Face cache (neve
 the embedded encoder "minilm" (all-MiniLM-L6-v2, loaded as a base model: no LM head).
 
 A GGUF file is dequantized to fp32 once and cached as safetensors under
-``cache_dir()/gguf/<sha256>/``; later loads read the cache. :func:`load_skeleton` gives the same model on
+``cache_dir()/gguf/<sha256>/`` (tensor by tensor for the families weightwise exports: memory stays one shard);
+later loads read the cache. :func:`load_skeleton` gives the same model on
 the meta device with its checkpoint read tensor by tensor, for work on a model larger than memory.
 """
 
@@ -344,26 +345,47 @@ def _build_gguf_cache(path: Path, folder: Path) -> None:
 
 
 def _write_gguf_cache(path: Path, folder: Path) -> None:
+    """The fp32 Hugging Face folder of a GGUF file: for a family weightwise exports, written tensor by tensor
+    (:mod:`weightwise.io.gguf_read`; memory: one shard); otherwise through transformers' whole-model load."""
+    from weightwise.io.gguf_read import streams_gguf, write_gguf_tensors
+
     logger.info("converting %s to fp32 safetensors in %s (once per file)", path, folder)
     start = time.perf_counter()
-    dense = GgufConfig(dequantize=True)  # plain nn.Linear weights even where GGUF kernels are installed
     config = _read_gguf(path, AutoConfig.from_pretrained)  # read once: from_pretrained would read it again
     stored = check_gguf(path)
     check_fits(config, path, AutoModelForCausalLM.from_config, tensors=stored.tensors, max_elements=2 * stored.elements)
+    stat = path.stat()
+    source = {"path": str(path.resolve()), "size": stat.st_size, "sha256": folder.name}
+    if streams_gguf(config):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        skeleton.tie_weights()
+        tokenizer = _read_gguf(path, AutoTokenizer.from_pretrained)
+        with atomic_output_dir(folder) as tmp:
+            try:
+                write_gguf_tensors(path, skeleton, tmp)
+            except _GGUF_PARSE_ERRORS as e:
+                raise _gguf_error(path, e) from e
+            skeleton.config.save_pretrained(tmp)
+            if skeleton.can_generate():
+                skeleton.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / "source.json", source)
+        logger.info("GGUF converted tensor by tensor in %.1f s", time.perf_counter() - start)
+        return
+    dense = GgufConfig(dequantize=True)  # plain nn.Linear weights even where GGUF kernels are installed
     read_model = partial(AutoModelForCausalLM.from_pretrained, config=config, quantization_config=dense,
                          dtype=torch.float32)
     model = _read_gguf(path, read_model)
     tokenizer = _read_gguf(path, AutoTokenizer.from_pretrained)
     _check_finite(model, path)
     converted = time.perf_counter()
-    stat = path.stat()
     with atomic_output_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json_atomic(
-            tmp / "source.json",
-            {"path": str(path.resolve()), "size": stat.st_size, "sha256": folder.name},
-        )
+        write_json_atomic(tmp / "source.json", source)
     logger.info(
         "GGUF read in %.1f s, cache written in %.1f s", converted - start, time.perf_counter() - converted
     )
