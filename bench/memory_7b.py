@@ -8,12 +8,17 @@ under ``/usr/bin/time -v`` and reads its peak RSS, wall clock and CPU times:
 - ``gptq``: streamed GPTQ int4 g128 with 16 × 512 pydoc calibration tokens;
 - ``eval``: ``eval --stream`` of the ``rtn`` run against the float model as reference (perplexity, KL, top-1) on the
   first ``--eval-tokens`` tokens of pydoc's eval split, windows of 512: each model read block by block;
-- ``export``: ``export --to compressed-tensors --stream`` of the ``rtn`` run (bf16 embeddings and head), block by block.
+- ``export``: ``export --to compressed-tensors --stream`` of the ``rtn`` run (bf16 embeddings and head), block by block;
+- ``export-gguf``: ``export --to gguf --stream`` of the ``rtn`` run (Q4_0 layers, f16 embeddings and head), block by
+  block, read back and compared;
+- ``gguf-eval``: ``eval --stream`` of that GGUF file with an empty cache: the file converted to the fp32 safetensors
+  cache tensor by tensor (27 GB on disk, removed after the row), then evaluated block by block (no reference).
 
 Results: bench/results/memory-7b.json and .md; rows of a run with ``--only`` merge into the earlier results
 (``eval`` and ``export`` need the ``rtn`` run's folder).
 
     .venv/bin/python bench/memory_7b.py --only rtn --only eval --only export    # ~10 min on 2 cores
+    .venv/bin/python bench/memory_7b.py --only export-gguf --only gguf-eval     # needs ~35 GB of free disk
     .venv/bin/python bench/memory_7b.py --only gptq                # hours on 2 cores
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +48,16 @@ def commands(model: Path, work: Path, eval_tokens: int) -> dict[str, list[str]]:
                  "--window", "512", "--no-speed", "-o", str(work / "eval")],
         "export": ["export", str(work / "rtn"), "--to", "compressed-tensors", "--stream", "--dtype", "bf16", "--overwrite",
                    "-o", str(work / "export")],
+        "export-gguf": ["export", str(work / "rtn"), "--to", "gguf", "--stream", "--overwrite", "-o", str(work / "rtn.gguf")],
+        "gguf-eval": ["eval", str(work / "rtn.gguf"), "--stream", "--max-tokens", str(eval_tokens), "--window", "512",
+                      "--no-speed", "-o", str(work / "gguf-eval")],
     }
 
 
-def run_row(name: str, argv: list[str], threads: int) -> dict:
+def run_row(name: str, argv: list[str], threads: int, cache: Path | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if cache is not None:  # a fresh model cache: the GGUF file is converted within the row
+        env["WEIGHTWISE_CACHE"] = str(cache)
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "weightwise.cli", *argv], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -67,6 +78,10 @@ def markdown(results: dict) -> str:
     if figures:  # random weights: the perplexity means nothing, the run's completion and memory do
         lines += ["", f"eval row measured ppl {figures['ppl']:.1f}, KL {figures['kl_mean']:.4f}, top-1 agreement "
                   f"{figures['top1_agreement']:.3f} on {figures['n_tokens_scored']} scored tokens (random weights)."]
+    gguf = results["rows"].get("export-gguf", {}).get("figures")
+    if gguf:
+        lines += ["", f"export-gguf row wrote {gguf['file_bytes'] / 1e9:.2f} GB, {gguf['tensors']} tensors, "
+                  f"{gguf['exact']} exact (read back equal to the run's layers)."]
     return "\n".join(lines) + "\n"
 
 
@@ -74,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "runs" / "llama7b-random", help="the 7B-shaped folder")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-memory-7b", help="where the rows' outputs go")
-    parser.add_argument("--only", action="append", choices=["rtn", "gptq", "eval", "export"], help="rows to run (repeatable)")
+    parser.add_argument("--only", action="append", choices=["rtn", "gptq", "eval", "export", "export-gguf", "gguf-eval"],
+                        help="rows to run (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads")
     parser.add_argument("--eval-tokens", type=int, default=1024, help="tokens scored by the eval row")
     args = parser.parse_args()
@@ -91,10 +107,21 @@ def main() -> None:
     results["versions"] = environment_versions()
     argvs = commands(args.model, args.work, args.eval_tokens)
     for name in args.only or list(argvs):
-        row = run_row(name, argvs[name], args.threads)
+        cache = args.work / "cache" if name == "gguf-eval" else None
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
+        try:
+            row = run_row(name, argvs[name], args.threads, cache)
+        finally:
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
         if name == "eval":
             metrics = json.loads((args.work / "eval" / "metrics.json").read_text())["runs"][0]
             row["figures"] = {k: metrics[k] for k in ("ppl", "kl_mean", "top1_agreement", "n_tokens_scored")}
+        if name == "export-gguf":
+            report = json.loads((args.work / "rtn.gguf.json").read_text())
+            row["figures"] = {"file_bytes": report["file_bytes"], "tensors": len(report["tensors"]),
+                              "exact": sum(t["how"] == "exact" for t in report["tensors"])}
         results["rows"][name] = row
         print(f"{name}: peak RSS {row['peak_rss_mb']:.0f} MiB, wall {row['wall_s']:.0f} s", flush=True)
         write_json_atomic(out_json, results)
