@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fuzz import bpe_tokenizer
+
 RESULTS = Path(__file__).parent / "results"
 COMMANDS = ("quantize", "tune", "export", "patch")
 
@@ -87,8 +89,7 @@ def build_fixture(root: Path, *, hidden: int = 128, layers: int = 4) -> Fixture:
     """A tiny random Llama (``hidden`` wide, ``layers`` decoder blocks) with a byte-level BPE tokenizer, ~24 KB of
     calibration text, a 32-example JSONL task, an RTN int4 g32 run of the model and a weight patch made for it."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from weightwise.io.artifacts import state_dict_fingerprint
     from weightwise.io.folders import save
@@ -97,13 +98,7 @@ def build_fixture(root: Path, *, hidden: int = 128, layers: int = 4) -> Fixture:
 
     fixture = Fixture(root)
     root.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({"th": len(vocab), "he": len(vocab) + 1, "<|endoftext|>": len(vocab) + 2})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("t", "h"), ("h", "e")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer = bpe_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

@@ -26,7 +26,11 @@ def crash():
     spec = importlib.util.spec_from_file_location("bench_crash", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_crash"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))  # it imports its sibling bench/fuzz.py, as when run as a script
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     yield module
     sys.modules.pop("bench_crash", None)
 

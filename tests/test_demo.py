@@ -6,7 +6,8 @@ import json
 import pytest
 
 import weightwise.compare
-from test_export_gguf import bpe_tokenizer, llama
+from conftest import bpe_tokenizer
+from test_export_gguf import llama
 from weightwise.demo import DEMO_CALIBRATION, DEMO_FORMATS, run_demo, short_recipe
 from weightwise.errors import WeightwiseError
 from weightwise.evaluate.config import EvalConfig

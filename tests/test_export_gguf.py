@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import tiny_model
+from conftest import bpe_tokenizer, tiny_model
 from weightwise.errors import WeightwiseError
 from weightwise.export import export
 from weightwise.export.gguf import GGUFExportConfig, export_gguf
@@ -25,17 +24,6 @@ EXACT_RECIPES = {
     "IQ4_NL": {"format": "iq4_nl", "group_size": 32},
     "MXFP4": {"format": "mxfp4"},
 }
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (256 byte symbols, two merges, one special token) built offline."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({"he": len(vocab), "ll": len(vocab) + 1, "<|endoftext|>": len(vocab) + 2})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 TOKENIZER = bpe_tokenizer()
