@@ -17,9 +17,15 @@ under ``/usr/bin/time -v`` and reads its peak RSS, wall clock and CPU times:
 Results: bench/results/memory-7b.json and .md; rows of a run with ``--only`` merge into the earlier results
 (``eval`` and ``export`` need the ``rtn`` run's folder).
 
+A quantize row longer than a sitting can be run in segments: ``--stop-after SECONDS`` kills the command (SIGKILL)
+when that time is up and records the segment; the next run of the row resumes at the next unfinished block (the
+streamed quantize's checkpoint), and the finished row reports the peak RSS of the worst segment and the sums of
+the segments' wall and CPU times (``segments`` says how many).
+
     .venv/bin/python bench/memory_7b.py --only rtn --only eval --only export    # ~10 min on 2 cores
     .venv/bin/python bench/memory_7b.py --only export-gguf --only gguf-eval     # needs ~35 GB of free disk
     .venv/bin/python bench/memory_7b.py --only gptq                # hours on 2 cores
+    .venv/bin/python bench/memory_7b.py --only gptq --stop-after 3000   # a segment of at most 50 min
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,16 +61,37 @@ def commands(model: Path, work: Path, eval_tokens: int) -> dict[str, list[str]]:
     }
 
 
-def run_row(name: str, argv: list[str], threads: int, cache: Path | None = None) -> dict:
+RESUMABLE = ("rtn", "gptq")  # streamed quantize: a killed run resumes at its next unfinished block
+
+
+def run_row(name: str, argv: list[str], threads: int, cache: Path | None = None,
+            stop_after: float | None = None) -> dict:
+    """The row's command under /usr/bin/time -v: its measurements, with ``stopped`` when ``stop_after`` seconds ran
+    out and the command was killed (SIGKILL, the time process left to report on it)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if cache is not None:  # a fresh model cache: the GGUF file is converted within the row
         env["WEIGHTWISE_CACHE"] = str(cache)
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "weightwise.cli", *argv], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stderr.splitlines()[-30:])
-        raise SystemExit(f"row {name} failed (exit {done.returncode}):\n{tail}")
-    return {"name": name, "command": "weightwise " + " ".join(argv), **parse_time(done.stderr)}
+    timer = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, "-m", "weightwise.cli", *argv], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stopped = False
+    try:
+        _, stderr = timer.communicate(timeout=stop_after)
+    except subprocess.TimeoutExpired:
+        for child in Path(f"/proc/{timer.pid}/task/{timer.pid}/children").read_text().split():
+            os.kill(int(child), signal.SIGKILL)
+        _, stderr = timer.communicate()
+        stopped = True
+    if timer.returncode != 0 and not stopped:
+        tail = "\n".join(stderr.splitlines()[-30:])
+        raise SystemExit(f"row {name} failed (exit {timer.returncode}):\n{tail}")
+    return {"name": name, "command": "weightwise " + " ".join(argv), **parse_time(stderr), "stopped": stopped}
+
+
+def combine_segments(segments: list[dict]) -> dict:
+    """One row from the segments of a resumed command: the worst peak, the summed times."""
+    last = segments[-1]
+    return {**last, "peak_rss_mb": max(s["peak_rss_mb"] for s in segments),
+            **{key: sum(s[key] for s in segments) for key in ("wall_s", "user_s", "system_s")}, "segments": len(segments)}
 
 
 def markdown(results: dict) -> str:
@@ -72,8 +100,14 @@ def markdown(results: dict) -> str:
              f"from `/usr/bin/time -v`; target ≤ {TARGET_MB} MiB.", "",
              "| row | command | peak RSS (MiB) | wall (s) | user (s) | system (s) |", "|---|---|---:|---:|---:|---:|"]
     for row in results["rows"].values():
-        lines.append(f"| {row['name']} | `{row['command']}` | {row['peak_rss_mb']:.0f} | {row['wall_s']:.0f} | "
+        segments = f" ({row['segments']} segments, resumed)" if row.get("segments") else ""
+        lines.append(f"| {row['name']}{segments} | `{row['command']}` | {row['peak_rss_mb']:.0f} | {row['wall_s']:.0f} | "
                      f"{row['user_s']:.0f} | {row['system_s']:.0f} |")
+    for name, segments in results.get("segments", {}).items():
+        if segments:
+            lines.append(f"| {name} (unfinished: {len(segments)} segment(s) so far) | `{segments[-1]['command']}` | "
+                         f"{max(s['peak_rss_mb'] for s in segments):.0f} | {sum(s['wall_s'] for s in segments):.0f} | "
+                         f"{sum(s['user_s'] for s in segments):.0f} | {sum(s['system_s'] for s in segments):.0f} |")
     figures = results["rows"].get("eval", {}).get("figures")
     if figures:  # random weights: the perplexity means nothing, the run's completion and memory do
         lines += ["", f"eval row measured ppl {figures['ppl']:.1f}, KL {figures['kl_mean']:.4f}, top-1 agreement "
@@ -93,6 +127,8 @@ def main() -> None:
                         help="rows to run (repeatable)")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads")
     parser.add_argument("--eval-tokens", type=int, default=1024, help="tokens scored by the eval row")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help=f"seconds after which a row of {'/'.join(RESUMABLE)} is stopped, to resume at the next run")
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "bench" / "make_llama7b.py"), "-o", str(args.model)], check=True)
@@ -111,10 +147,19 @@ def main() -> None:
         if cache is not None:
             shutil.rmtree(cache, ignore_errors=True)
         try:
-            row = run_row(name, argvs[name], args.threads, cache)
+            row = run_row(name, argvs[name], args.threads, cache, args.stop_after if name in RESUMABLE else None)
         finally:
             if cache is not None:
                 shutil.rmtree(cache, ignore_errors=True)
+        segments = results.setdefault("segments", {}).setdefault(name, [])
+        segments.append(row)
+        if row.pop("stopped"):
+            print(f"{name}: stopped after {row['wall_s']:.0f} s (segment {len(segments)}, peak RSS "
+                  f"{row['peak_rss_mb']:.0f} MiB); run the row again to resume", flush=True)
+            write_json_atomic(out_json, results)
+            continue
+        row = combine_segments(segments) if len(segments) > 1 else row
+        del results["segments"][name]
         if name == "eval":
             metrics = json.loads((args.work / "eval" / "metrics.json").read_text())["runs"][0]
             row["figures"] = {k: metrics[k] for k in ("ppl", "kl_mean", "top1_agreement", "n_tokens_scored")}
