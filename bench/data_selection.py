@@ -38,6 +38,7 @@ for every arm, so every arm gets the same compute; a smaller subset is just seen
     .venv/bin/python bench/data_selection.py --quick        # the wiring: pool 300, 3 arms, 10 steps, 50 test problems
     .venv/bin/python bench/data_selection.py --report       # the Markdown of the results measured so far
     .venv/bin/python bench/data_selection.py --throughput-only   # only weightwise's loss/ifd beside wana's scorers
+    .venv/bin/python bench/data_selection.py --cost-only         # only each model-based scorer's cost on 2 cores
 
 Results are written after every arm (bench/results/select.json and select.md beside it; ``--quick``:
 select-quick.*); a rerun skips arms already measured with the same settings, and a killed arm resumes from
@@ -773,6 +774,44 @@ print(json.dumps({"version": wana.__version__, "model": provider.model_name, "th
 """
 
 
+# --- selection cost on the CPU -------------------------------------------------------------------
+
+COST_SCORERS = ("loss", "el2n", "ifd", "grand", "rds", "less")  # the model-based scorers
+
+
+def measure_cost(ctx: dict) -> None:
+    """Each model-based scorer's cost on this machine's threads over the first ``--cost-examples`` pool lines:
+    scoring seconds, its fixed part (target features, LESS's warm-up), examples/s, and the whole pool's projected
+    seconds (fixed part + pool lines / rate), beside the arm's gain. Kept across runs for the same lines."""
+    from weightwise.select import SelectConfig, scorer_config, select
+
+    args, data, results = ctx["args"], ctx["data"], ctx["results"]
+    key = {"n": args.cost_examples, "pool_sha256": data["sha256"]["pool"], "device": args.device, "threads": THREADS}
+    cost = results.get("cost") if (results.get("cost") or {}).get("key") == key else {"key": key, "scorers": {}}
+    results["cost"] = cost
+    records = [json.loads(line) for line in Path(data["files"]["pool"]).read_text(encoding="utf-8").splitlines()]
+    folder = ctx["work"] / "cost"
+    write_jsonl(folder / "examples.jsonl", [{"prompt": r["prompt"], "response": r["response"]}
+                                            for r in records[: args.cost_examples]])
+    for name in COST_SCORERS:
+        if name in cost["scorers"]:
+            continue
+        print(f"cost: {name} on {args.cost_examples} lines", flush=True)
+        scorer = scorer_config(name)
+        config = SelectConfig(scorers=[scorer], budget=1, dedup="none",
+                              target=data["files"]["dev"] if scorer.needs_target else None)
+        model, tokenizer = load(ctx)  # a fresh copy per scorer, as each arm has
+        selection = select(folder / "examples.jsonl", folder / name, config, model=model, tokenizer=tokenizer, overwrite=True)
+        del model
+        (label,) = selection.scores
+        stats = selection.stats
+        seconds, n, fixed = stats.seconds[label], stats.examples[label], stats.prepare_seconds.get(label) or 0.0
+        cost["scorers"][name] = {"examples": n, "scoring_seconds": seconds, "fixed_seconds": fixed,
+                                 "examples_per_second": n / seconds,
+                                 "projected_pool_seconds": fixed + len(records) / (n / seconds)}
+        save(ctx)
+
+
 # --- results --------------------------------------------------------------------------------------
 
 
@@ -782,8 +821,9 @@ def save(ctx: dict) -> None:
     on_disk = json.loads(ctx["out"].read_text()) if ctx["out"].is_file() else {}
     for name, row in on_disk.get("arms", {}).items():
         results["arms"].setdefault(name, row)
-    if results.get("throughput") is None:
-        results["throughput"] = on_disk.get("throughput")
+    for part in ("throughput", "cost"):
+        if results.get(part) is None:
+            results[part] = on_disk.get(part)
     results["versions"] = ctx["versions"]
     results["summary"] = summarize(ctx)
     results["seconds_this_run"] = time.perf_counter() - ctx["started"]
@@ -859,6 +899,21 @@ def markdown(results: dict) -> str:
                 lines.append(f"| wana {w['version']} {part} | {w['engine']} | {w[part]['examples_per_second']:.1f} | {w[part]['seconds']:.1f} |")
             lines.append(f"\nwana model load {w['load_seconds']:.1f} s; Spearman with weightwise: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in w["spearman_vs_weightwise"].items()))
+    cost = results.get("cost")
+    if cost and cost.get("scorers"):
+        arms = {(row["key"]["arm"], row["key"]["seed"]): row for row in results["arms"].values()
+                if row["key"]["fraction"] == BUDGET and row.get("tune")}
+        random0 = arms.get(("random", 0))
+        lines += ["", f"Selection cost on {cost['key']['threads']} threads ({cost['key']['device']}), each model-based scorer on "
+                  f"the first {cost['key']['n']} pool lines; the whole pool's seconds projected as fixed part + "
+                  f"{results['pool'].get('n')} lines / rate; gain: the arm's exact match at seed 0 minus random's:", "",
+                  "| scorer | examples/s | fixed s | projected pool s | gain (points, seed 0) |", "|---|---:|---:|---:|---:|"]
+        for name, c in cost["scorers"].items():
+            arm = arms.get((name, 0))
+            gain = (100 * (arm["tune"]["exact_match"] - random0["tune"]["exact_match"])
+                    if arm and random0 else None)
+            lines.append(f"| {name} | {c['examples_per_second']:.1f} | {c['fixed_seconds']:.1f} | "
+                         f"{c['projected_pool_seconds']:.0f} | {_num(gain, '+.1f')} |")
     return "\n".join(lines)
 
 
@@ -884,6 +939,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the second phase (seed 0 is the screening run)")
     parser.add_argument("--wana-examples", type=int, default=500, help="examples of the throughput comparison (0: skip it)")
     parser.add_argument("--throughput-only", action="store_true", help="only the throughput comparison with wana")
+    parser.add_argument("--cost-examples", type=int, default=300, help="pool lines each model-based scorer is timed on "
+                        "(0: skip the cost measurement)")
+    parser.add_argument("--cost-only", action="store_true", help="only the scorers' cost on this machine")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/select.json; "
                         "--quick: select-quick.json); the Markdown goes beside it")
     parser.add_argument("--runs", type=Path, default=None, help="work folder (default runs/bench-select[-quick])")
@@ -926,7 +984,7 @@ def main() -> None:
                                                                                              "budget": BUDGET, "best_budget": BEST_BUDGET}
     results = {"settings": settings, "pool": {k: v for k, v in data.items() if k != "truth"},
                "arms": previous.get("arms", {}), "base": previous.get("base", {}), "best": previous.get("best", []),
-               "throughput": previous.get("throughput")}
+               "throughput": previous.get("throughput"), "cost": previous.get("cost")}
     ctx = {"args": args, "data": data, "results": results, "work": work, "out": out, "started": started,
            "versions": environment_versions()}
     if args.worker:
@@ -934,8 +992,11 @@ def main() -> None:
         run_arm(ctx, *parse_spec(args.worker))
         return
     screen = [a for a in (QUICK_ARMS if args.quick else ARMS) if not args.only or a in args.only]
-    if args.throughput_only:
-        measure_throughput(ctx)
+    if args.throughput_only or args.cost_only:
+        if args.throughput_only:
+            measure_throughput(ctx)
+        if args.cost_only:
+            measure_cost(ctx)
         save(ctx)
         print(markdown(results))
         return
@@ -967,6 +1028,8 @@ def main() -> None:
     run_arms(ctx, later)
     if args.wana_examples:
         measure_throughput(ctx)
+    if args.cost_examples:
+        measure_cost(ctx)
     results["total_seconds_this_run"] = time.perf_counter() - started
     save(ctx)
     print(markdown(results))
