@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random models built from a config (no downloads) and the real default model."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -28,19 +32,26 @@ def tiny_tokenizer(vocab_size: int = 96) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (256 byte symbols, two merges, one special token) built offline: one that
-    llama.cpp and gguf-py read (the character tokenizer above is not byte-level).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def bench_module(name: str):
+    """bench/<name>.py as a module, loaded once; its sibling scripts importable while it loads, as when it runs."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up while the class is built
+        sys.path.insert(0, str(path.parent))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(path.parent))
+    return sys.modules[key]
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab.update({"he": len(vocab), "ll": len(vocab) + 1, "<|endoftext|>": len(vocab) + 2})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("l", "l")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer that llama.cpp and gguf-py read (the character tokenizer above is not byte-level):
+    the one the fuzz and crash benchmarks build."""
+    return bench_module("fuzz").bpe_tokenizer()
 
 
 @pytest.fixture

@@ -6,15 +6,13 @@ writing one output at once are refused in test_trust.py (test_cli_writers_refuse
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import bench_module, tiny_model, tiny_tokenizer
 from test_cli import run_cli
 from weightwise.io.folders import save
 
@@ -22,17 +20,7 @@ from weightwise.io.folders import save
 @pytest.fixture(scope="module")
 def crash():
     """bench/crash.py as a module."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "crash.py"
-    spec = importlib.util.spec_from_file_location("bench_crash", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_crash"] = module  # dataclasses look their module up while the class is built
-    sys.path.insert(0, str(path.parent))  # it imports its sibling bench/fuzz.py, as when run as a script
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    yield module
-    sys.modules.pop("bench_crash", None)
+    return bench_module("crash")
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,22 @@ runaway allocation. Inputs declaring absurd sizes are read in a worker process u
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
 import shutil
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import bench_module
 from test_cli import assert_user_error, run_cli
 
 from weightwise.errors import WeightwiseError
 
-_SPEC = importlib.util.spec_from_file_location("bench_fuzz", Path(__file__).resolve().parents[1] / "bench" / "fuzz.py")
-fuzz = importlib.util.module_from_spec(_SPEC)
-sys.modules["bench_fuzz"] = fuzz  # dataclasses look their module up while the class is built
-_SPEC.loader.exec_module(fuzz)
+fuzz = bench_module("fuzz")
 
 # Examples per reader: the model readers build (or refuse) a model per input, the others read a few bytes.
 EXAMPLES = {"gguf": 30, "hf-folder": 40, "quantized-run": 40, "tune-run": 40}
