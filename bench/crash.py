@@ -18,8 +18,9 @@ and reruns it until a run exits by itself, or a killed run had already written i
   left beside or inside the output (lock files, temporary folders, checkpoints).
 
 Commands: ``quantize`` (GPTQ int4 g32, calibrated, resumes per decoder block), ``tune`` (LIFT, checkpoints every
-2 steps, resumes), ``export`` (GGUF with ``--overwrite``, so that the command is the same for every rerun) and
-``patch`` (``patch apply``).
+2 steps, resumes), ``export`` (GGUF with ``--overwrite``, so that the command is the same for every rerun),
+``export-stream`` (the same, block by block), ``patch`` (``patch apply``) and ``select`` (loss and EL2N scores of
+the task's examples, resumes from its score cache; its report's seconds and rates are not compared).
 
     .venv/bin/python bench/crash.py --trials 20          # the full run (JSON + Markdown: bench/results/crash.*)
     .venv/bin/python bench/crash.py --trials 2 --commands quantize export --out /tmp/crash   # a look
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -43,16 +45,22 @@ from pathlib import Path
 from fuzz import bpe_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-COMMANDS = ("quantize", "tune", "export", "patch")
+COMMANDS = ("quantize", "tune", "export", "export-stream", "patch", "select")
 
 # JSON fields (dotted paths, per file name) that may differ between an interrupted and an uninterrupted run.
 ALLOWED_TO_DIFFER: dict[str, tuple[str, ...]] = {
-    "manifest.json": ("created", "quantize_seconds", "calibration.resumed_at_block"),
+    "manifest.json": ("created", "quantize_seconds", "calibration.resumed_at_block",  # quantize
+                      "seconds", "scoring.*.seconds", "scoring.*.examples", "scoring.*.examples_per_second",  # select:
+                      "scoring.*.prepare_seconds", "scoring.*.reused_from_cache"),  # examples scored by this run
     "metrics.json": ("seconds", "resumed_from_step", "train.steps_run", "train.start_step", "train.tokens",
                      "train.seconds", "train.tokens_per_second", "train.step_seconds_median", "train.peak_rss_mb"),
     "metrics.jsonl": ("tokens_per_second", "step_seconds", "peak_rss_mb"),
 }
 NOT_COMPARED = ("tensorboard",)  # event files are named by wall time and host; a resumed run writes a second one
+# Text files compared with these patterns' matches blanked out: select's report gives the run's seconds and rates.
+MASKED: dict[str, tuple[str, ...]] = {
+    "report.md": (r"; [0-9.]+ s\)", r"\| [0-9.]+ \| (?:[0-9.]+|–) \|$"),
+}
 
 
 # --- the fixture: a tiny model and its inputs ------------------------------------------------------------------
@@ -133,20 +141,25 @@ def command_args(command: str, fixture: Fixture, out: Path) -> list[str]:
                 "--lr", "0.005", "--patch-dtype", "fp32", "--device", "cpu", "-o", str(out)]
     if command == "export":
         return ["export", str(fixture.run), "--to", "gguf", "--overwrite", "-o", str(out)]
+    if command == "export-stream":
+        return ["export", str(fixture.run), "--to", "gguf", "--stream", "--overwrite", "-o", str(out)]
     if command == "patch":
         return ["patch", "apply", str(fixture.model), str(fixture.patch), "-o", str(out)]
+    if command == "select":
+        return ["select", str(fixture.task), "--scorer", "loss", "--scorer", "el2n:0.5", "--model", str(fixture.model),
+                "--budget", "12", "--batch-size", "2", "--dedup", "exact", "-o", str(out)]
     raise ValueError(command)
 
 
 def output_name(command: str) -> str:
-    return "model.gguf" if command == "export" else "out"
+    return "model.gguf" if command.startswith("export") else "out"
 
 
 def products(command: str, out: Path) -> list[Path]:
     """The paths under their final names that a run's result consists of: each, when present, must be complete."""
     if command == "tune":
         return [out / "patch.safetensors", out / "metrics.json", out / "manifest.json"]
-    if command == "export":
+    if command.startswith("export"):
         return [out, out.with_name(out.name + ".json")]
     return [out]
 
@@ -157,6 +170,9 @@ def resumable(command: str, out: Path) -> bool:
         return (out.with_name(f".{out.name}.partial") / "progress.json").is_file()
     if command == "tune":
         return any(out.glob("checkpoints/step-*/state.json"))
+    if command == "select":  # the score cache: one file of scores per scorer, appended batch by batch
+        return any(path.read_text(encoding="utf-8", errors="replace").count("\n") >= 2  # a header and a batch
+                   for path in out.parent.glob(f".{out.name}.score-cache/*.jsonl"))
     return False
 
 
@@ -228,7 +244,21 @@ def compare_file(ours: Path, ref: Path, folders: tuple[Path, Path]) -> str | Non
         return None if x == y else f"{name}: {_first_json_difference(x, y)}"
     if name.endswith(".safetensors"):
         return f"{name}: {_safetensors_difference(a, b)}"
+    if name in MASKED:
+        x, y = (_masked(text.decode(errors="replace"), MASKED[name]) for text in (a, b))
+        differing = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        if differing is None and len(x) == len(y):
+            return None
+        return f"{name}: line {differing + 1 if differing is not None else min(len(x), len(y)) + 1} differs"
     return f"{name}: {len(a)} bytes differ from the reference's {len(b)}"
+
+
+def _masked(text: str, patterns: tuple[str, ...]) -> list[str]:
+    """``text``'s lines with every match of ``patterns`` blanked out."""
+    lines = text.splitlines()
+    for pattern in patterns:
+        lines = [re.sub(pattern, "«masked»", line) for line in lines]
+    return lines
 
 
 def _safetensors_difference(a: bytes, b: bytes) -> str:
@@ -248,7 +278,7 @@ def _safetensors_difference(a: bytes, b: bytes) -> str:
 def compare_outputs(command: str, out: Path, ref: Path) -> list[str]:
     """Every difference between a finished output and the reference's (empty: identical)."""
     folders = (out.parent, ref.parent)
-    if command == "export":
+    if command.startswith("export"):
         return [d for p, r in zip(products(command, out), products(command, ref)) if (d := compare_file(p, r, folders))]
     if not out.is_dir():
         return [f"{out.name}: missing"]

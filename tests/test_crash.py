@@ -68,6 +68,27 @@ def test_killed_gguf_export_ends_with_the_same_file_and_nothing_beside_it(crash,
     assert crash.leftovers("export", out) == []  # no lock, no temporary file of the killed run
 
 
+def test_killed_selection_resumes_from_its_score_cache_to_the_same_output(crash, inputs, capsys, monkeypatch, tmp_path):
+    ref = reference(crash, "select", inputs, tmp_path / "ref", capsys, monkeypatch)
+    out = tmp_path / "trial" / "out"
+    killed, rerun, out = killed_and_rerun(crash, "select", inputs, ref, tmp_path / "trial", random.Random(2).uniform(0, 0.02),
+                                          armed=lambda: crash.resumable("select", out))
+    assert killed.killed and rerun.resumable_before  # killed with scores cached, so the rerun reused them
+    assert sum(s["reused_from_cache"] or 0 for s in json.loads((out / "manifest.json").read_text())["scoring"].values()) > 0
+    assert killed.partial == [] and rerun.partial == []
+    assert crash.compare_outputs("select", out, ref) == []  # scores, keep/drop and reasons identical; timings aside
+    assert crash.leftovers("select", out) == []  # the score cache is gone once the output is whole
+
+
+def test_killed_streamed_gguf_export_ends_with_the_same_file(crash, inputs, capsys, monkeypatch, tmp_path):
+    ref = reference(crash, "export-stream", inputs, tmp_path / "ref", capsys, monkeypatch)
+    assert ref.read_bytes() == (reference(crash, "export", inputs, tmp_path / "whole", capsys, monkeypatch)).read_bytes()
+    killed, rerun, out = killed_and_rerun(crash, "export-stream", inputs, ref, tmp_path / "trial", random.Random(3).uniform(0, 0.1))
+    assert killed.partial == [] and rerun.partial == []
+    assert crash.compare_outputs("export-stream", out, ref) == []
+    assert crash.leftovers("export-stream", out) == []  # nor the killed run's data file beside the output
+
+
 def test_harness_sees_a_partial_output(crash, inputs, tmp_path):
     """The check that the trials rely on finds a folder missing a file and a cut-short file."""
     ref = tmp_path / "ref" / "out"
