@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.export.gguf_types import (
     InexactGGUFError,
@@ -36,7 +37,6 @@ from weightwise.export.gguf_types import (
 from weightwise.export.gguf_families import GGUF_FAMILIES, GGUFFamily, rope_settings, write_family_metadata
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
-from weightwise.architectures import family_of
 from weightwise.io.artifacts import (
     environment_versions,
     is_write_error,
@@ -199,9 +199,12 @@ def _add_tensors(writer: GGUFWriter, model: nn.Module, units: list[tuple[str, bo
     tensors, inexact, fallback_layers = [], {}, []
     for index, (unit, recurse, module) in enumerate(each_unit(model, units, weights)):
         for name, source in _sources(unit, recurse, module, kept):
-            tensor = _plan_tensor(name, source, model, names, heads, family, config, inexact, fallback_layers)
-            if tensor is None:
+            tensor = _plan_tensor(name, source, model, names, heads, family, config)
+            if isinstance(tensor, str):  # why the layer has no exact type
+                inexact.setdefault(tensor, []).append(name.removesuffix(".weight"))
                 continue
+            if tensor.how == "fallback":
+                fallback_layers.append(name)
             tensor.unit = index
             writer.add_tensor(tensor.gguf_name, tensor.data, raw_dtype=tensor.ggml_type)
             tensor.data = None
@@ -228,8 +231,9 @@ def _sources(unit: str, recurse: bool, module: nn.Module, kept: set[str]) -> lis
 
 
 def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, names, heads: dict, family: GGUFFamily,
-                 config: GGUFExportConfig, inexact: dict[str, list[str]], fallback_layers: list[str]) -> _Tensor | None:
-    """One tensor with its GGUF name, type and data; None for a layer with no exact type (added to ``inexact``)."""
+                 config: GGUFExportConfig) -> _Tensor | str:
+    """One tensor with its GGUF name, type and data (a quantized layer with no exact type: re-quantized to the
+    fallback type, or, without one, why it has none)."""
     gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
     if gguf_name is None:
         raise WeightwiseError(f"tensor '{name}' has no GGUF name for architecture {family.arch.name.lower()}; "
@@ -244,9 +248,7 @@ def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, nam
         if reason is None:
             return tensor
         if config.fallback is None:
-            inexact.setdefault(reason, []).append(name.removesuffix(".weight"))
-            return None
-        fallback_layers.append(name)
+            return reason
         return _float_tensor(name, gguf_name, source.dequantized_weight, config.fallback, order, "fallback")
     parameter = model.get_parameter(source)
     if parameter.ndim == 1:
