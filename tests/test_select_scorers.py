@@ -229,6 +229,23 @@ def test_grand_is_the_masked_gradient_norm_and_leaves_no_trace(ctx, tok):
     assert score == pytest.approx(expected, rel=1e-5)
 
 
+def test_grand_of_a_padded_batch_is_each_examples_own_gradient_norm(ctx, tok):
+    """One backward pass for the batch gives, per example, the norm its own backward pass alone gives."""
+    config = GraNdConfig(filter_rank=4, density=0.2)
+    masks = state_of(config, ctx)
+    modules = dict(ctx.model.named_modules())
+    weights = [modules[name].weight for name in masks]
+    scores = run(config, ctx, examples(*POOL), masks)
+    assert len({len(encode_example(Example(*p), tok, ctx.max_length)["input_ids"]) for p in POOL}) > 1  # padded
+    for pair, score in zip(POOL, scores):
+        item = encode_example(Example(*pair), tok, ctx.max_length)
+        logits = ctx.model(input_ids=item["input_ids"][None]).logits[0]
+        loss = F.cross_entropy(logits[:-1], item["labels"][1:], ignore_index=-100)
+        grads = torch.autograd.grad(loss, weights)
+        expected = torch.cat([g.flatten()[masks[name]] for g, name in zip(grads, masks)]).norm().item()
+        assert score == pytest.approx(expected, rel=1e-4)
+
+
 def test_grand_names_unmatched_targets(ctx):
     with pytest.raises(WeightwiseError, match="no Linear layer"):
         state_of(GraNdConfig(targets=["nothing_like_this"]), ctx)

@@ -86,9 +86,12 @@ def target_linears(model: nn.Module | None, patterns: list[str], scorer: str) ->
 # --- GraNd ----------------------------------------------------------------------------------------
 
 
-def masked_grad_norm(grads: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
-    """‖g‖₂ over the flat entries ``masks[i]`` of each ``grads[i]``, in fp32."""
-    return math.sqrt(sum(g.reshape(-1)[idx].float().square().sum().item() for g, idx in zip(grads, masks)))
+def masked_example_grad_norms(x: torch.Tensor, grad_out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared norms over the flat entries ``mask`` of each example's weight gradient Gₙᵀ Xₙ (out × in), from a
+    Linear's inputs ``x`` (n, ..., in) and the loss's gradient w.r.t. its outputs ``grad_out`` (n, ..., out), in
+    fp32, one example's out × in matrix at a time: ``(n,)``."""
+    x, g = x.flatten(1, -2).float(), grad_out.flatten(1, -2).float()
+    return torch.stack([(g[i].T @ x[i]).reshape(-1)[mask].square().sum() for i in range(x.shape[0])])
 
 
 def prepare_grand(config, ctx) -> dict[str, torch.Tensor]:
@@ -101,18 +104,37 @@ def prepare_grand(config, ctx) -> dict[str, torch.Tensor]:
     return masks
 
 
+def _captured(captured: list, index: int, module, args, output) -> None:
+    """Forward hook: records (index, the Linear's input, its output)."""
+    captured.append((index, args[0].detach(), output))
+
+
 def grand_scores(config, batch, state: dict[str, torch.Tensor]) -> np.ndarray:
-    """GraNd (Paul et al. 2021): the norm of each example's mean-NLL gradient over the masked entries, one
-    example per backward pass."""
+    """GraNd (Paul et al. 2021): the norm of each example's mean-NLL gradient over the masked entries. One forward
+    and backward pass for the whole batch: each example's loss depends on its own positions only, so the gradient
+    of the summed losses w.r.t. a Linear's outputs holds every example's own, and its weight gradient is Gₙᵀ Xₙ
+    (summed over the calls of a Linear used twice); padding positions carry no gradient."""
     modules = dict(batch.model.named_modules())
-    weights = [modules[name].weight for name in state]
-    norms = []
-    with gradients_of(batch.model, weights):
-        for item in batch.encoded:
-            forward = batch.run(batch.collated([item]), grad=True)
-            grads = torch.autograd.grad(mean_nll(forward.logits, forward.labels)[0], weights)
-            norms.append(masked_grad_norm(list(grads), list(state.values())))
-    return batch.scatter(np.array(norms))
+    names = list(state)
+    weights = [modules[name].weight for name in names]
+    captured: list = []
+    handles = [modules[name].register_forward_hook(partial(_captured, captured, i)) for i, name in enumerate(names)]
+    try:
+        with gradients_of(batch.model, weights):
+            forward = batch.run(batch.collated(), grad=True)
+            outputs = torch.autograd.grad(mean_nll(forward.logits, forward.labels).sum(), [out for _, _, out in captured])
+    finally:
+        for handle in handles:
+            handle.remove()
+    squared = torch.zeros(len(batch.encoded))
+    by_module: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (index, x, _), grad_out in zip(captured, outputs):
+        by_module.setdefault(index, []).append((x, grad_out))
+    for index, calls in by_module.items():  # a Linear called twice: its calls' positions side by side (Σ Gᵀ X)
+        x = torch.cat([x.flatten(1, -2) for x, _ in calls], 1)
+        g = torch.cat([g.flatten(1, -2) for _, g in calls], 1)
+        squared += masked_example_grad_norms(x, g, state[names[index]].to(x.device)).cpu()
+    return batch.scatter(squared.sqrt().numpy().astype(np.float64))
 
 
 # --- LESS -----------------------------------------------------------------------------------------
