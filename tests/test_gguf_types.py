@@ -15,7 +15,6 @@ from weightwise.export.gguf_types import (
     GGUF_TYPE_RULES,
     InexactGGUFError,
     exact_gguf_type,
-    llama_qk_row_order,
     pack_gguf,
     permute_qk_for_gguf,
     unpermute_qk_from_gguf,
@@ -23,6 +22,7 @@ from weightwise.export.gguf_types import (
 )
 from weightwise.formats import QuantSpec, dequantize, get_format, quantize_tensor
 from weightwise.formats.quantizer import unpacked_codes
+from weightwise.io.gguf_families import llama_qk_row_order
 
 SHAPES = [(8, 64), (6, 192), (24, 128)]  # cols multiples of 64, so 32- and 64-groups both fit
 GRANULARITIES = {"g32": {"group_size": 32}, "g64": {"group_size": 64}, "channel": {"granularity": "channel"}}

@@ -29,12 +29,10 @@ from weightwise.architectures import family_of
 from weightwise.errors import WeightwiseError
 from weightwise.export.gguf_types import (
     InexactGGUFError,
-    llama_qk_row_order,
     pack_gguf,
     permute_qk_for_gguf,
     why_not_exact,
 )
-from weightwise.export.gguf_families import GGUF_FAMILIES, GGUFFamily, rope_settings, write_family_metadata
 from weightwise.formats.base import QuantSpec
 from weightwise.formats.quantizer import quantize_tensor
 from weightwise.io.artifacts import (
@@ -44,6 +42,13 @@ from weightwise.io.artifacts import (
     output_lock,
     state_dict_fingerprint,
     write_json_atomic,
+)
+from weightwise.io.gguf_families import (
+    GGUF_FAMILIES,
+    GGUFFamily,
+    llama_qk_row_order,
+    rope_settings,
+    write_family_metadata,
 )
 from weightwise.io.lazy import LazyStateDict, LazyWeights, each_unit, tied_names, unit_names
 from weightwise.qlinear import QuantizedLinear

@@ -25,6 +25,7 @@ from weightwise.formats.base import SHIFT_BITS, QuantizedTensor, QuantSpec, Scal
 from weightwise.formats.packing import pack_codes, unpack_codes
 from weightwise.formats.quantizer import decode_scale, group_layout, group_scales, unpacked_codes
 from weightwise.formats.registry import get_format
+from weightwise.io.gguf_families import llama_qk_row_order
 
 GGUF_BLOCK = 32  # entries per block of every type below
 T = GGMLQuantizationType
@@ -208,15 +209,6 @@ def pack_gguf(qt: QuantizedTensor) -> tuple[GGMLQuantizationType, np.ndarray]:
     _require_equal(d * np.float32(rule.multiplier), scales, f"scales divided by {rule.multiplier} in float32")
     m = None if qt.offsets is None else _per_block(decode_scale(qt.offsets, qt.spec.resolved_scale_dtype), qt.shape, qt.spec)
     return rule.gguf_type, pack_gguf_rows(quants, d, m, rule.gguf_type)
-
-
-def llama_qk_row_order(rows: int, n_head: int) -> torch.Tensor:
-    """Row order of convert_hf_to_gguf's Q/K permutation: GGUF row i is HF row order[i]. HF keeps each head's
-    rotary pairs in two halves; llama.cpp's RoPE wants them adjacent, so rows (head, 2, dim/2) swap their
-    inner axes. K of grouped-query attention uses the number of KV heads."""
-    if rows % (2 * n_head):
-        raise WeightwiseError(f"{rows} rows do not split into {n_head} heads of an even dimension")
-    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
 def permute_rows(qt: QuantizedTensor, order: torch.Tensor) -> QuantizedTensor:

@@ -20,8 +20,7 @@ from gguf import GGUFReader
 from safetensors.torch import save_file
 
 from weightwise.errors import WeightwiseError
-from weightwise.export.gguf_families import GGUF_FAMILIES
-from weightwise.export.gguf_types import llama_qk_row_order
+from weightwise.io.gguf_families import GGUF_FAMILIES, llama_qk_row_order
 from weightwise.io.lazy import check_finite_tensor, shard_names, write_shard_index
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import gguf
+import torch
 from gguf import GGUFWriter
 
 from weightwise.errors import WeightwiseError
@@ -94,3 +95,12 @@ def _check_gemma(cfg, family: GGUFFamily, head_dim: int) -> None:
     if not family.softcapping and (getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None)):
         raise WeightwiseError("soft-capping is set, but llama.cpp's Gemma 3 graph does not apply it: this model cannot be "
                               "exported to GGUF faithfully")
+
+
+def llama_qk_row_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row order of convert_hf_to_gguf's Q/K permutation: GGUF row i is HF row order[i]. HF keeps each head's
+    rotary pairs in two halves; llama.cpp's RoPE wants them adjacent, so rows (head, 2, dim/2) swap their
+    inner axes. K of grouped-query attention uses the number of KV heads."""
+    if rows % (2 * n_head):
+        raise WeightwiseError(f"{rows} rows do not split into {n_head} heads of an even dimension")
+    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
