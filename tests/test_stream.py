@@ -166,6 +166,26 @@ def test_cli_streams_by_default_and_falls_back_or_refuses(capsys, monkeypatch, t
     assert_user_error(run_cli(capsys, monkeypatch, "quantize", tiny_dir, "--target-bpw", "4", "--stream", "-o", out), "size target", out)
 
 
+def test_quantize_to_folder_is_the_command_path(tiny_dir, tmp_path):
+    """The API behind `weightwise quantize`: streamed when it can be, else in memory, the same tensors either way."""
+    from weightwise.quantize.api import quantize_to_folder
+
+    streamed = quantize_to_folder(tiny_dir, {"format": "int8", "group_size": 32}, tmp_path / "auto")
+    assert next(streamed.parameters()).is_meta and (tmp_path / "auto" / "model.safetensors.index.json").is_file()
+    whole = quantize_to_folder(tiny_dir, {"format": "int8", "group_size": 32}, tmp_path / "whole", stream=False)
+    assert not next(whole.parameters()).is_meta and (tmp_path / "whole" / "model.safetensors").is_file()
+    assert_same_tensors(tmp_path / "auto", tmp_path / "whole")
+    pickled = tmp_path / "pickled"  # weights that are not safetensors: read whole, in memory
+    tiny_model().config.save_pretrained(pickled)
+    torch.save(tiny_model().state_dict(), pickled / "pytorch_model.bin")
+    tiny_tokenizer().save_pretrained(pickled)
+    quantize_to_folder(pickled, {"format": "int8", "group_size": 32}, tmp_path / "fallback", allow_pickle=True)
+    assert_same_tensors(tmp_path / "fallback", tmp_path / "whole")
+    with pytest.raises(NotStreamable, match="no safetensors weights"):
+        quantize_to_folder(pickled, {"format": "int8", "group_size": 32}, tmp_path / "refused", stream=True, allow_pickle=True)
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
+
+
 def test_a_damaged_shard_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny"
     tiny_model().save_pretrained(path)

@@ -20,6 +20,7 @@ _API = {
     "load_model": "weightwise.io.models",
     "quantize": "weightwise.quantize.api",
     "quantize_streamed": "weightwise.quantize.api",
+    "quantize_to_folder": "weightwise.quantize.api",
     "QuantizationRecord": "weightwise.records",
     "quantization_record": "weightwise.records",
     "save": "weightwise.io.folders",

@@ -147,17 +147,10 @@ def quantize_cmd(
     nccl on GPUs): each calibrates on its share of the batches and quantizes its share of each block's layers;
     process 0 writes.
     """
-    from contextlib import nullcontext
-
     from weightwise.comm import Comm
     from weightwise.evaluate.size import model_size
     from weightwise.heap import mmap_allocations_from
-    from weightwise.io.artifacts import output_lock
-    from weightwise.io.folders import save
-    from weightwise.io.lazy import NotStreamable
-    from weightwise.io.models import model_source_info
-    from weightwise.quantize.api import quantize, quantize_streamed
-    from weightwise.quantize.checkpoint import remove_checkpoint
+    from weightwise.quantize.api import quantize_to_folder
     from weightwise.records import quantization_record
 
     if search_fp and method not in (None, "fpsearch"):
@@ -177,32 +170,15 @@ def quantize_cmd(
     work_device = _work_device(device)
     comm = Comm.from_environment(work_device)
     show = _progress if comm.is_main else _no_progress
-    # from the first block checkpoint to the saved folder a second run into it is refused; process 0 alone writes
-    with output_lock(output) if comm.is_main else nullcontext():
-        checkpoint, source = output.parent / f".{output.name}.partial", model_source_info(model)
-        qmodel = None
-        if stream or (stream is None and not trust_remote_code):
-            # a freed tensor's memory goes back to the OS at once: block by block, tensors of many sizes are freed and
-            # allocated, and glibc's heap would keep the fragments (SmolLM2-135M GPTQ: peak 1.13 GB → 0.79 GB, for
-            # ~25 % more CPU time in page faults; not worth it for the whole model in memory: 1.45 → 1.35 GB)
-            mmap_allocations_from(1 << 20)
-            try:
-                with show(f"quantizing ({recipe.method.name}, {recipe.format}) block by block on {work_device}") as update:
-                    qmodel = quantize_streamed(model, recipe, output, checkpoint_dir=checkpoint, progress=update,
-                                               device=work_device, comm=comm, source=source)
-            except NotStreamable as why:
-                if stream:
-                    raise
-                logger.info("loading the whole model: %s", why)
-        if qmodel is None:
-            model_obj, tokenizer = _load(model, allow_pickle, trust_remote_code, dtype="auto")
-            with show(f"quantizing ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
-                qmodel = quantize(model_obj, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, keep_checkpoint=True,
-                                  progress=update, device=work_device, inplace=True, comm=comm)
-            if comm.is_main:
-                save(qmodel, output, tokenizer=tokenizer, source=source, metrics={"size": model_size(qmodel)})
-                remove_checkpoint(checkpoint)  # only now: a kill before the save resumes from it
-        size = model_size(qmodel)
+    if stream or (stream is None and not trust_remote_code):
+        # a freed tensor's memory goes back to the OS at once: block by block, tensors of many sizes are freed and
+        # allocated, and glibc's heap would keep the fragments (SmolLM2-135M GPTQ: peak 1.13 GB → 0.79 GB, for
+        # ~25 % more CPU time in page faults; not worth it for the whole model in memory: 1.45 → 1.35 GB)
+        mmap_allocations_from(1 << 20)
+    with show(f"quantizing {model} ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+        qmodel = quantize_to_folder(model, recipe, output, stream=stream, progress=update, device=work_device, comm=comm,
+                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    size = model_size(qmodel)
     if not comm.is_main:
         return
     info = quantization_record(qmodel).summary()

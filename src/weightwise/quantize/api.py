@@ -220,6 +220,56 @@ def quantize_streamed(
     return qmodel
 
 
+def quantize_to_folder(
+    source: str | Path,
+    recipe: QuantRecipe | dict | str | Path,
+    output: str | Path,
+    *,
+    stream: bool | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    device: torch.device | str | None = None,
+    comm: Comm = Comm(),
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Quantize the model ``source`` names into the run folder ``output``, as ``weightwise quantize`` does; returns the
+    quantized model (on the meta device when streamed: its tensors are in the folder).
+
+    ``stream``: True, block by block (:func:`quantize_streamed`; :class:`~weightwise.io.lazy.NotStreamable` when the
+    source or recipe does not allow it); None, so when they allow it and no remote code is trusted, else in memory;
+    False, in memory (the model loaded in its checkpoint's dtype and quantized in place, then saved). Either way the
+    output's lock is held from the first block checkpoint to the saved folder (another run into it is refused), a
+    killed run resumes at its next unfinished block, and with several processes in ``comm`` process 0 alone writes.
+    """
+    from contextlib import nullcontext
+
+    from weightwise.evaluate.size import model_size
+    from weightwise.io.artifacts import output_lock
+    from weightwise.io.folders import save
+    from weightwise.io.lazy import NotStreamable
+    from weightwise.io.models import load_model, model_source_info
+    from weightwise.quantize.checkpoint import remove_checkpoint
+
+    recipe, output = _as_recipe(recipe), Path(output)
+    with output_lock(output) if comm.is_main else nullcontext():
+        checkpoint, origin = output.parent / f".{output.name}.partial", model_source_info(source)
+        if stream or (stream is None and not trust_remote_code):
+            try:
+                return quantize_streamed(source, recipe, output, checkpoint_dir=checkpoint, progress=progress,
+                                         device=device, comm=comm, source=origin)
+            except NotStreamable as why:
+                if stream:
+                    raise
+                logger.info("loading the whole model: %s", why)
+        model, tokenizer = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype="auto")
+        qmodel = quantize(model, recipe, tokenizer=tokenizer, checkpoint_dir=checkpoint, keep_checkpoint=True,
+                          progress=progress, device=device, inplace=True, comm=comm)
+        if comm.is_main:
+            save(qmodel, output, tokenizer=tokenizer, source=origin, metrics={"size": model_size(qmodel)})
+            remove_checkpoint(checkpoint)  # only now: a kill before the save resumes from it
+        return qmodel
+
+
 class QuantizeJob:
     """One quantization of one model: what every step needs (the model and its modules by name, the recipe, each
     layer's planned spec and LoRC rank, the device, the processes sharing the work) and the layer records made so far."""
