@@ -1,7 +1,8 @@
 """Benchmark: peak memory and time of opening a GGUF file for the first time (its fp32 safetensors cache written).
 
-Each row loads a GGUF file with ``load_model`` in its own process under ``/usr/bin/time -v``, with an empty cache
-folder, from the code at a git revision (``src`` exported with ``git archive``, run through ``PYTHONPATH``):
+Each row opens a GGUF file with ``load_skeleton`` (which builds the cache and then reads nothing more: what is measured
+is the conversion) in its own process under ``/usr/bin/time -v``, with an empty cache folder, from the code at a git
+revision (``src`` exported with ``git archive``, run through ``PYTHONPATH``):
 
 - ``before``: ``--before`` (default the last commit whose conversion went through transformers' whole-file load);
 - ``after``: ``--after`` (default HEAD: the conversion tensor by tensor, ``io/gguf_read.py``).
@@ -30,9 +31,9 @@ BEFORE = "60e13ef"  # the last commit that converted a GGUF file through transfo
 
 
 def run_row(src: Path, gguf: Path, cache: Path, threads: int) -> dict:
-    """load_model(gguf) from the code in ``src`` with an empty cache at ``cache``: its measurements."""
+    """load_skeleton(gguf) from the code in ``src`` with an empty cache at ``cache``: its measurements."""
     shutil.rmtree(cache, ignore_errors=True)
-    code = "import sys; from weightwise.io.models import load_model; load_model(sys.argv[1])"
+    code = "import sys; from weightwise.io.models import load_skeleton; load_skeleton(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": str(src), "WEIGHTWISE_CACHE": str(cache), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, str(gguf)], env=env, capture_output=True,
