@@ -30,7 +30,7 @@ TOKENIZER = bpe_tokenizer()
 
 
 def llama(**overrides):
-    return tiny_model(vocab_size=len(TOKENIZER), intermediate_size=128, **overrides)
+    return tiny_model(**{"vocab_size": len(TOKENIZER), "intermediate_size": 128, **overrides})
 
 
 def qwen2():
@@ -121,6 +121,22 @@ def test_lorc_act_formats_and_odd_groups_have_no_exact_type(tmp_path):
                         ({"format": "int4", "group_size": 32, "act_format": "int8"}, "activation format")]:
         with pytest.raises(WeightwiseError, match=why):
             export_gguf(quantize(llama(), recipe), TOKENIZER, tmp_path / "m.gguf")
+
+
+def test_a_tokenizer_shorter_than_the_embeddings_is_padded_with_unused_tokens(tmp_path):
+    """One token per embedding row, as llama.cpp requires (its converter pads the same way)."""
+    import gguf
+
+    qmodel = quantize(llama(vocab_size=len(TOKENIZER) + 5), EXACT_RECIPES["Q4_0"])
+    export_gguf(qmodel, TOKENIZER, tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    tokens = fields["tokenizer.ggml.tokens"]
+    kinds = fields["tokenizer.ggml.token_type"]
+    assert len(tokens.data) == len(TOKENIZER) + 5
+    assert [tokens.contents(i) for i in (-2, -1)] == [f"[PAD{len(TOKENIZER) + 3}]", f"[PAD{len(TOKENIZER) + 4}]"]
+    assert kinds.contents()[-5:] == [gguf.TokenType.UNUSED] * 5
+    with pytest.raises(WeightwiseError, match="more than the model's"):
+        export_gguf(quantize(llama(vocab_size=len(TOKENIZER) - 1), EXACT_RECIPES["Q4_0"]), TOKENIZER, tmp_path / "s.gguf")
 
 
 def test_existing_output_unsupported_architecture_and_missing_tokenizer(tmp_path):

@@ -169,9 +169,12 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, config: GG
             with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.data-") as data:  # gone when closed
                 writer = GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[family.arch], use_temp_file=True)
                 writer.temp_file = data  # gguf-py spools added tensors here (its default: memory, then /tmp)
-                try:
+                try:  # the metadata first: a tokenizer gguf-py cannot write fails before any tensor is packed
+                    _add_metadata(writer, model, tokenizer, family, tokenizer_gguf, config, fingerprint)
                     tensors, fallback_layers = _add_tensors(writer, model, units, weights, family, config)
-                    _write(writer, model, tokenizer, family, tokenizer_gguf, config, fingerprint)
+                    writer.write_header_to_file()
+                    writer.write_kv_data_to_file()
+                    writer.write_tensors_to_file()
                 finally:
                     writer.close()
             report_tensors = _verify(tmp, tensors, model, units, weights)
@@ -312,9 +315,9 @@ def _float_tensor(name: str, gguf_name: str, read: Callable[[], torch.Tensor], k
     return _Tensor(name, gguf_name, data, ggml_type, read, how, order)
 
 
-def _write(writer: GGUFWriter, model: nn.Module, tokenizer, family: GGUFFamily, tokenizer_gguf, config: GGUFExportConfig,
-           fingerprint: str) -> None:
-    """Add the metadata llama.cpp reads (hyperparameters, tokenizer, weightwise's recipe) and write the file."""
+def _add_metadata(writer: GGUFWriter, model: nn.Module, tokenizer, family: GGUFFamily, tokenizer_gguf,
+                  config: GGUFExportConfig, fingerprint: str) -> None:
+    """Add the metadata llama.cpp reads: hyperparameters, tokenizer, weightwise's recipe and source."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_name(getattr(cfg, "name_or_path", "") or "weightwise model")
@@ -341,10 +344,7 @@ def _write(writer: GGUFWriter, model: nn.Module, tokenizer, family: GGUFFamily, 
     if tokenizer_gguf is not None:
         _copy_tokenizer(writer, Path(tokenizer_gguf))
     else:
-        _write_hf_tokenizer(writer, tokenizer, config.tokenizer_pre)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+        _write_hf_tokenizer(writer, tokenizer, config.tokenizer_pre, cfg.vocab_size)
 
 
 def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
@@ -356,8 +356,10 @@ def _copy_tokenizer(writer: GGUFWriter, source: Path) -> None:
             writer.add_key_value(key, field.contents(), field.types[0], sub_type)
 
 
-def _write_hf_tokenizer(writer: GGUFWriter, tokenizer, pre: str) -> None:
-    """A GPT-2-style BPE tokenizer from Hugging Face files, through gguf-py's vocab tools."""
+def _write_hf_tokenizer(writer: GGUFWriter, tokenizer, pre: str, vocab_size: int) -> None:
+    """A GPT-2-style BPE tokenizer from Hugging Face files, through gguf-py's vocab tools. llama.cpp wants one token per
+    embedding row: a tokenizer with fewer tokens than the model's ``vocab_size`` (rows kept for padding or later use) is
+    filled with unused ``[PAD{i}]`` tokens, as llama.cpp's own converter does."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         try:
@@ -369,6 +371,12 @@ def _write_hf_tokenizer(writer: GGUFWriter, tokenizer, pre: str) -> None:
         for text, _, token_type in vocab.all_tokens():
             tokens.append(text)
             types.append(token_type)
+        if len(tokens) > vocab_size:
+            raise WeightwiseError(f"the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size} embedding rows; "
+                                  "save the model with its own tokenizer")
+        for i in range(len(tokens), vocab_size):
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
