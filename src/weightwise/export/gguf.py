@@ -395,20 +395,27 @@ def _verify(path: Path, tensors: list[_Tensor], model: nn.Module, units: list[tu
     for tensor in tensors:
         by_unit.setdefault(tensor.unit, []).append(tensor)
     wanted = [unit for index, unit in enumerate(units) if index in by_unit]
-    for (unit, _, _), index in zip(each_unit(model, wanted, weights), sorted(by_unit)):
-        for tensor in by_unit[index]:
-            read = stored[tensor.gguf_name]
-            values = torch.from_numpy(np.array(gguf.quants.dequantize(read.data, read.tensor_type), dtype=np.float32, copy=True))
-            with torch.no_grad():
-                expected = tensor.expected().detach().to(torch.float32).cpu()
-            values = values.reshape(expected.shape)
-            if tensor.row_order is not None:
-                values = values[torch.argsort(tensor.row_order)]
-            diff = float((values - expected).abs().max()) if values.numel() else 0.0
-            del expected
-            if tensor.how == "exact" and diff != 0:
-                raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized "
-                                      f"layer by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
-            reports.append(GGUFTensorReport(name=tensor.name, gguf_name=tensor.gguf_name, type=read.tensor_type.name,
-                                            how=tensor.how, max_abs_diff=diff))
+    with open(path, "rb") as file:  # read, not the reader's memory map: its pages would stay resident, a file's worth
+        for (unit, _, _), index in zip(each_unit(model, wanted, weights), sorted(by_unit)):
+            for tensor in by_unit[index]:
+                reports.append(_compare(file, stored[tensor.gguf_name], tensor))
     return reports
+
+
+def _compare(file, read, tensor: _Tensor) -> GGUFTensorReport:
+    """The stored tensor ``read`` (its bytes read from ``file``) against what ``tensor`` stands for."""
+    file.seek(read.data_offset)
+    data = np.frombuffer(file.read(read.n_bytes), dtype=read.data.dtype).reshape(read.data.shape)
+    values = torch.from_numpy(np.array(gguf.quants.dequantize(data, read.tensor_type), dtype=np.float32, copy=True))
+    with torch.no_grad():
+        expected = tensor.expected().detach().to(torch.float32).cpu()
+    values = values.reshape(expected.shape)
+    if tensor.row_order is not None:
+        values = values[torch.argsort(tensor.row_order)]
+    diff = float((values - expected).abs().max()) if values.numel() else 0.0
+    del expected
+    if tensor.how == "exact" and diff != 0:
+        raise WeightwiseError(f"{tensor.name}: the written {read.tensor_type.name} blocks differ from the quantized "
+                              f"layer by {diff:g}; the GGUF file was not kept (this is a weightwise bug: please report it)")
+    return GGUFTensorReport(name=tensor.name, gguf_name=tensor.gguf_name, type=read.tensor_type.name, how=tensor.how,
+                            max_abs_diff=diff)
