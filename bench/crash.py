@@ -308,6 +308,9 @@ def _unreadable(path: Path, reference: Path) -> str | None:
             import safetensors.torch
 
             safetensors.torch.load(data)
+        elif path.name in MASKED:  # its timings change its size: whole when its lines are the reference's, masked
+            if _masked(data.decode(), MASKED[path.name]) != _masked(reference.read_text(), MASKED[path.name]):
+                return f"{path.name}: other lines than the reference's"
         elif len(data) != reference.stat().st_size:
             return f"{path.name}: {len(data)} bytes, the reference {reference.stat().st_size}"
     except FileNotFoundError:

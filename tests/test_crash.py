@@ -78,6 +78,11 @@ def test_killed_selection_resumes_from_its_score_cache_to_the_same_output(crash,
     assert killed.partial == [] and rerun.partial == []
     assert crash.compare_outputs("select", out, ref) == []  # scores, keep/drop and reasons identical; timings aside
     assert crash.leftovers("select", out) == []  # the score cache is gone once the output is whole
+    report = (out / "report.md").read_text()  # another run's timings change the report's size, not its wholeness
+    (out / "report.md").write_text(report.replace(" s).", "0 s).", 1))
+    assert crash.partial_outputs("select", out, ref) == [] and crash.compare_outputs("select", out, ref) == []
+    (out / "report.md").write_text(report[: len(report) // 2])
+    assert crash.partial_outputs("select", out, ref) == ["out/report.md: other lines than the reference's"]
 
 
 def test_killed_streamed_gguf_export_ends_with_the_same_file(crash, inputs, capsys, monkeypatch, tmp_path):
