@@ -5,8 +5,8 @@ import torch
 
 from weightwise.errors import WeightwiseError
 from weightwise.formats import QuantSpec, dequantize, quantize_tensor
-from weightwise.formats.quantizer import decode_scale, from_codes, from_groups, to_codes, to_groups, unpacked_codes
-from weightwise.quantize.methods.gptq import gptq, output_error
+from weightwise.formats.quantizer import all_finite, decode_scale, from_codes, from_groups, to_codes, to_groups, unpacked_codes
+from weightwise.quantize.methods.gptq import _inverse_cholesky, _reversed_hessian, gptq, output_error
 
 
 def _layer(rows: int = 32, cols: int = 128, n: int = 512, seed: int = 0):
@@ -143,6 +143,29 @@ def test_unfixable_hessian_raises():
         gptq(w, SPECS["int4_g32"], -h)
     with pytest.raises(WeightwiseError, match="after 0 retries"):
         gptq(w, SPECS["int4_g32"], _indefinite_hessian(), max_damp_retries=0)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse():
+    """Built and converted strip by strip (1,100 columns: two strips of rows), in the processing order of act order."""
+    _, _, h = _layer(cols=1100, n=1500)
+    diagonal = h.diagonal().to(torch.float64)
+    perm = torch.argsort(diagonal, descending=True, stable=True)
+    reversed_h = _reversed_hessian(h, perm.flip(0), diagonal)
+    assert torch.equal(reversed_h, h.to(torch.float64)[perm.flip(0)][:, perm.flip(0)])
+    u, damp, retries = _inverse_cholesky(reversed_h, 0.01, 0)
+    assert (damp, retries, u.dtype) == (0.01, 0, torch.float32)
+    assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    dampened = h.to(torch.float64)[perm][:, perm] + 0.01 * diagonal.mean() * torch.eye(1100, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(dampened), upper=True)
+    assert torch.allclose(u.to(torch.float64), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_looks_at_every_strip(bad):
+    t = torch.zeros(2500, 3, dtype=torch.float64)
+    assert all_finite(t) and all_finite(t[0]) and all_finite(torch.zeros(0, 3))
+    t[2400, 1] = bad  # in the third strip of 1,024 rows
+    assert not all_finite(t) and not all_finite(t[2400]) and all_finite(t[:2048])
 
 
 def test_dead_input_channel_is_zeroed():

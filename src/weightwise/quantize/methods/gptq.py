@@ -14,6 +14,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.formats.base import SHIFT_BITS, QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes
 from weightwise.formats.quantizer import (
+    all_finite,
     check_finite,
     compute_ratio_scales,
     compute_scales,
@@ -89,6 +90,20 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return scale, offset, int(ok.sum())
 
 
+_STRIP = 1024  # rows per strip when a large matrix is copied or converted piecewise
+
+
+def _reversed_hessian(hessian: torch.Tensor, backwards: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """J P H P J in float64 (rows and columns in ``backwards`` order, the diagonal replaced by ``diagonal``), built a
+    strip of rows at a time: no float32 copy of the whole matrix beside it (11008 inputs: 0.5 GB each)."""
+    n = len(backwards)
+    out = torch.empty(n, n, dtype=torch.float64, device=hessian.device)
+    for start in range(0, n, _STRIP):
+        out[start : start + _STRIP] = hessian.index_select(0, backwards[start : start + _STRIP]).index_select(1, backwards)
+    out.diagonal().copy_(diagonal[backwards])
+    return out
+
+
 def _inverse_cholesky(reversed_h: torch.Tensor, damp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor (float32) of (H + damp·mean(diag H)·I)⁻¹, damp growing 10× per failed attempt, from
     ``reversed_h`` = J H J (H with its rows and columns in reverse order), which it overwrites.
@@ -96,26 +111,33 @@ def _inverse_cholesky(reversed_h: torch.Tensor, damp: float, max_retries: int) -
     One Cholesky and one triangular inverse, no explicit H⁻¹: with J the order-reversing permutation,
     J H J = M Mᵀ (M lower) gives H⁻¹ = (J M⁻¹ J)ᵀ (J M⁻¹ J), and J M⁻¹ J is upper triangular with a
     positive diagonal, so it is the upper Cholesky factor of H⁻¹ (about half the flops of inverting H and
-    factorising the inverse; 1.9× faster measured at 1536 columns). Memory: two float64 matrices (the input,
-    dampened in place and then reused for M⁻¹, and M), which matters for wide layers (11008 inputs: 0.97 GB each).
-    Returns (factor, damp used, retries). A factor is refused when the Cholesky reports a non-positive pivot or
-    anything is non-finite.
+    factorising the inverse; 1.9× faster measured at 1536 columns). Memory: two float64 matrices at most (the
+    input, dampened in place and then reused for M⁻¹, and M) and then the float32 result beside the input, which
+    matters for wide layers (11008 inputs: 0.97 GB each): the identity is laid out column-major (the input's
+    transpose), as the triangular solver works, so that it solves in place instead of on a copy, and the result is
+    converted a strip at a time. Returns (factor, damp used, retries). A factor is refused when the Cholesky reports
+    a non-positive pivot or anything is non-finite.
     """
     h, diagonal = reversed_h, reversed_h.diagonal().clone()
     mean = diagonal.mean()
+    n = h.shape[0]
     for retry in range(max_retries + 1):
         d = damp * 10**retry
         h.diagonal().copy_(diagonal + d * mean)
         lower, info = torch.linalg.cholesky_ex(h)
-        if info == 0 and torch.isfinite(lower).all():
+        if info == 0 and all_finite(lower):
             h.zero_()
             h.diagonal().fill_(1)
-            inverse = torch.linalg.solve_triangular(lower, h, upper=False, out=h)  # M⁻¹, in the input's memory
+            torch.linalg.solve_triangular(lower, h.mT, upper=False, out=h.mT)  # h now holds (M⁻¹)ᵀ
             del lower
-            if torch.isfinite(inverse).all():
-                return inverse.to(torch.float32).flip(0, 1), d, retry
-            raise WeightwiseError(f"GPTQ: the inverse Hessian factor is not finite (dampening {d:g}·mean(diag)); "
-                                  "check the calibration statistics (enough tokens, no NaN) or raise damp")
+            if not all_finite(h):
+                raise WeightwiseError(f"GPTQ: the inverse Hessian factor is not finite (dampening {d:g}·mean(diag)); "
+                                      "check the calibration statistics (enough tokens, no NaN) or raise damp")
+            factor = torch.empty(n, n, dtype=torch.float32, device=h.device)
+            for start in range(0, n, _STRIP):  # factor[i, j] = M⁻¹[n-1-i, n-1-j] = h[n-1-j, n-1-i]
+                stop = min(start + _STRIP, n)
+                factor[start:stop] = h[:, n - stop : n - start].T.flip(0, 1)
+            return factor, d, retry
     raise WeightwiseError(
         f"GPTQ: the Hessian is not positive definite even with dampening {damp * 10**max_retries:g}·mean(diag) "
         f"after {max_retries} retries; check the calibration statistics (enough tokens, no NaN) or raise damp"
@@ -197,10 +219,7 @@ def gptq(
     perm = torch.arange(cols, device=w.device)
     if act_order:
         perm = torch.argsort(diagonal, descending=True, stable=True)
-    # J P H P J, built one float64 copy at a time: the processing order reversed, for _inverse_cholesky
-    backwards = perm.flip(0)
-    reversed_h = hessian.detach().index_select(0, backwards).index_select(1, backwards).to(torch.float64)
-    reversed_h.diagonal().copy_(diagonal[backwards])
+    reversed_h = _reversed_hessian(hessian.detach(), perm.flip(0), diagonal)  # the processing order, reversed
     u, damp, retries = _inverse_cholesky(reversed_h, damp, max_damp_retries)
     del reversed_h
 
