@@ -47,6 +47,7 @@ from weightwise.io.gguf_families import (
     GGUF_FAMILIES,
     GGUFFamily,
     llama_qk_row_order,
+    permuted_heads,
     rope_settings,
     write_family_metadata,
 )
@@ -202,12 +203,11 @@ def _add_tensors(writer: GGUFWriter, model: nn.Module, units: list[tuple[str, bo
     listed in one error, raised before anything is written under the output's name."""
     cfg = model.config
     names = gguf.get_tensor_name_map(family.arch, cfg.num_hidden_layers)
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
     kept = {name for name, _ in model.named_parameters()}  # a tied lm_head appears once
     tensors, inexact, fallback_layers = [], {}, []
     for index, (unit, recurse, module) in enumerate(each_unit(model, units, weights)):
         for name, source in _sources(unit, recurse, module, kept):
-            tensor = _plan_tensor(name, source, model, names, heads, family, config)
+            tensor = _plan_tensor(name, source, model, names, family, config)
             if isinstance(tensor, str):  # why the layer has no exact type
                 inexact.setdefault(tensor, []).append(name.removesuffix(".weight"))
                 continue
@@ -238,7 +238,7 @@ def _sources(unit: str, recurse: bool, module: nn.Module, kept: set[str]) -> lis
     return sources
 
 
-def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, names, heads: dict, family: GGUFFamily,
+def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, names, family: GGUFFamily,
                  config: GGUFExportConfig) -> _Tensor | str:
     """One tensor with its GGUF name, type and data (a quantized layer with no exact type: re-quantized to the
     fallback type, or, without one, why it has none)."""
@@ -246,13 +246,13 @@ def _plan_tensor(name: str, source: QuantizedLinear | str, model: nn.Module, nam
     if gguf_name is None:
         raise WeightwiseError(f"tensor '{name}' has no GGUF name for architecture {family.arch.name.lower()}; "
                               "this model layout is not supported by the GGUF exporter")
-    projection = name.rsplit(".", 2)[-2]
+    heads = permuted_heads(family, model.config, name)
     order = None
-    if family.permute_qk and projection in heads:
+    if heads is not None:
         rows = source.out_features if isinstance(source, QuantizedLinear) else model.get_parameter(source).shape[0]
-        order = llama_qk_row_order(rows, heads[projection])
+        order = llama_qk_row_order(rows, heads)
     if isinstance(source, QuantizedLinear):
-        tensor, reason = _quantized_tensor(name, gguf_name, source, order, config, heads.get(projection))
+        tensor, reason = _quantized_tensor(name, gguf_name, source, order, config, heads)
         if reason is None:
             return tensor
         if config.fallback is None:

@@ -97,6 +97,18 @@ def _check_gemma(cfg, family: GGUFFamily, head_dim: int) -> None:
                               "exported to GGUF faithfully")
 
 
+def permuted_heads(family: GGUFFamily, cfg, name: str) -> int | None:
+    """The number of heads whose rows llama.cpp's rotary layout reorders in tensor ``name`` (a Q or K projection's
+    weight or bias in a family that permutes them: the attention heads for Q, the KV heads for K), else None."""
+    parts = name.split(".")
+    projection = parts[-2] if len(parts) >= 2 else ""
+    if not family.permute_qk or projection not in ("q_proj", "k_proj"):
+        return None
+    if projection == "q_proj":
+        return cfg.num_attention_heads
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
 def llama_qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     """Row order of convert_hf_to_gguf's Q/K permutation: GGUF row i is HF row order[i]. HF keeps each head's
     rotary pairs in two halves; llama.cpp's RoPE wants them adjacent, so rows (head, 2, dim/2) swap their

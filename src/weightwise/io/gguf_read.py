@@ -20,7 +20,7 @@ from gguf import GGUFReader
 from safetensors.torch import save_file
 
 from weightwise.errors import WeightwiseError
-from weightwise.io.gguf_families import GGUF_FAMILIES, llama_qk_row_order
+from weightwise.io.gguf_families import GGUF_FAMILIES, llama_qk_row_order, permuted_heads
 from weightwise.io.lazy import check_finite_tensor, shard_names, write_shard_index
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ def write_gguf_tensors(path: Path, model: torch.nn.Module, folder: Path) -> None
     cfg = model.config
     family = GGUF_FAMILIES[cfg.model_type]
     names = gguf.get_tensor_name_map(family.arch, cfg.num_hidden_layers)
-    heads = {"q_proj": cfg.num_attention_heads, "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
     stored = {tensor.name: tensor for tensor in GGUFReader(path).tensors}
     wanted = [(name, param) for name, param in model.named_parameters()]  # a tied output matrix appears once
     wanted += [(name, buffer) for name, buffer in model.named_buffers() if name in model.state_dict() and buffer.is_meta]
@@ -70,7 +69,7 @@ def write_gguf_tensors(path: Path, model: torch.nn.Module, folder: Path) -> None
     for shard, file in zip(plan, files):
         tensors = {}
         for name, gguf_name, shape in shard:
-            tensors[name] = _hf_tensor(path, stored[gguf_name], name, shape, family, heads)
+            tensors[name] = _hf_tensor(path, stored[gguf_name], name, shape, family, permuted_heads(family, cfg, name))
             total += tensors[name].numel() * 4
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -79,7 +78,7 @@ def write_gguf_tensors(path: Path, model: torch.nn.Module, folder: Path) -> None
         write_shard_index(folder, weight_map, total)
 
 
-def _hf_tensor(path: Path, stored, name: str, shape: tuple[int, ...], family, heads: dict[str, int]) -> torch.Tensor:
+def _hf_tensor(path: Path, stored, name: str, shape: tuple[int, ...], family, heads: int | None) -> torch.Tensor:
     """One GGUF tensor as the float32 Hugging Face tensor ``name``: dequantized, rows and norms as transformers has them."""
     try:
         values = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type), dtype=np.float32))
@@ -90,9 +89,8 @@ def _hf_tensor(path: Path, stored, name: str, shape: tuple[int, ...], family, he
         raise WeightwiseError(f"'{path}': tensor '{stored.name}' has {values.numel()} values, '{name}' needs shape {shape}; "
                               "the file's metadata does not match its tensors: re-create or re-download it")
     values = values.reshape(shape)
-    projection = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-    if family.permute_qk and projection in heads:  # rows (and a bias) stored as llama.cpp's RoPE pairs them
-        values = values[torch.argsort(llama_qk_row_order(shape[0], heads[projection]))]
+    if heads is not None:  # rows (and a bias) stored as llama.cpp's RoPE pairs them
+        values = values[torch.argsort(llama_qk_row_order(shape[0], heads))]
     if family.norm_shift and name.endswith("norm.weight"):
         values = values - family.norm_shift
     check_finite_tensor(name, values, path)
