@@ -17,10 +17,13 @@ and reruns it until a run exits by itself, or a killed run had already written i
 - the rerun is never refused (a stale lock of the killed process, an "exists" check) and, once finished, nothing is
   left beside or inside the output (lock files, temporary folders, checkpoints).
 
-Commands: ``quantize`` (GPTQ int4 g32, calibrated, resumes per decoder block), ``tune`` (LIFT, checkpoints every
-2 steps, resumes), ``export`` (GGUF with ``--overwrite``, so that the command is the same for every rerun),
-``export-stream`` (the same, block by block), ``patch`` (``patch apply``) and ``select`` (loss and EL2N scores of
-the task's examples, resumes from its score cache; its report's seconds and rates are not compared).
+Commands: ``quantize`` (GPTQ int4 g32, calibrated, streamed, resumes per decoder block), ``quantize-memory`` (the
+same with ``--no-stream``: the whole model in memory), ``tune`` (LIFT, checkpoints every 2 steps, resumes),
+``tune-lora`` (peft LoRA rank 4: the result is an adapter folder), ``tune-qat`` (QAT int2_asym g32: the result is a
+quantized run), ``export`` (GGUF with ``--overwrite``, so that the command is the same for every rerun),
+``export-stream`` (the same, block by block), ``export-ct`` (compressed-tensors folder), ``patch`` (``patch apply``)
+and ``select`` (loss and EL2N scores of the task's examples, resumes from its score cache; its report's seconds
+and rates are not compared).
 
     .venv/bin/python bench/crash.py --trials 20          # the full run (JSON + Markdown: bench/results/crash.*)
     .venv/bin/python bench/crash.py --trials 2 --commands quantize export --out /tmp/crash   # a look
@@ -45,7 +48,8 @@ from pathlib import Path
 from fuzz import bpe_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
-COMMANDS = ("quantize", "tune", "export", "export-stream", "patch", "select")
+COMMANDS = ("quantize", "quantize-memory", "tune", "tune-lora", "tune-qat", "export", "export-stream", "export-ct", "patch",
+            "select")
 
 # JSON fields (dotted paths, per file name) that may differ between an interrupted and an uninterrupted run.
 ALLOWED_TO_DIFFER: dict[str, tuple[str, ...]] = {
@@ -134,15 +138,24 @@ def command_args(command: str, fixture: Fixture, out: Path) -> list[str]:
     if command == "quantize":
         return ["quantize", str(fixture.model), "-f", "int4", "-g", "32", "--method", "gptq",
                 "--calib", f"{fixture.calib}:16x64", "--device", "cpu", "-o", str(out)]
+    if command == "quantize-memory":
+        return [*command_args("quantize", fixture, out), "--no-stream"]
+    tune = ["tune", str(fixture.model), "--task", str(fixture.task), "--train-examples", "32", "--batch-size", "4",
+            "--steps", "12", "--checkpoint-every", "2", "--test-examples", "0", "--retention-max-tokens", "0",
+            "--device", "cpu", "-o", str(out)]
     if command == "tune":
-        return ["tune", str(fixture.model), "--task", str(fixture.task), "--method", "lift", "--density", "0.05",
-                "--filter-rank", "8", "--refresh-every", "3", "--train-examples", "32", "--batch-size", "4",
-                "--steps", "12", "--checkpoint-every", "2", "--test-examples", "0", "--retention-max-tokens", "0",
-                "--lr", "0.005", "--patch-dtype", "fp32", "--device", "cpu", "-o", str(out)]
+        return [*tune, "--method", "lift", "--density", "0.05", "--filter-rank", "8", "--refresh-every", "3",
+                "--lr", "0.005", "--patch-dtype", "fp32"]
+    if command == "tune-lora":
+        return [*tune, "--method", "lora", "--lora-rank", "4", "--lr", "0.005"]
+    if command == "tune-qat":
+        return [*tune, "--method", "qat", "-f", "int2_asym", "-g", "32", "--lr", "0.001"]
     if command == "export":
         return ["export", str(fixture.run), "--to", "gguf", "--overwrite", "-o", str(out)]
     if command == "export-stream":
         return ["export", str(fixture.run), "--to", "gguf", "--stream", "--overwrite", "-o", str(out)]
+    if command == "export-ct":
+        return ["export", str(fixture.run), "--to", "compressed-tensors", "--overwrite", "-o", str(out)]
     if command == "patch":
         return ["patch", "apply", str(fixture.model), str(fixture.patch), "-o", str(out)]
     if command == "select":
@@ -152,23 +165,24 @@ def command_args(command: str, fixture: Fixture, out: Path) -> list[str]:
 
 
 def output_name(command: str) -> str:
-    return "model.gguf" if command.startswith("export") else "out"
+    return "model.gguf" if command in ("export", "export-stream") else "out"
 
 
 def products(command: str, out: Path) -> list[Path]:
     """The paths under their final names that a run's result consists of: each, when present, must be complete."""
-    if command == "tune":
-        return [out / "patch.safetensors", out / "metrics.json", out / "manifest.json"]
-    if command.startswith("export"):
+    if command.startswith("tune"):
+        result = {"tune": "patch.safetensors", "tune-lora": "adapter", "tune-qat": "model"}[command]
+        return [out / result, out / "metrics.json", out / "manifest.json"]
+    if command in ("export", "export-stream"):
         return [out, out.with_name(out.name + ".json")]
     return [out]
 
 
 def resumable(command: str, out: Path) -> bool:
     """Whether a run's checkpoint is there for the next run to resume from."""
-    if command == "quantize":
+    if command.startswith("quantize"):
         return (out.with_name(f".{out.name}.partial") / "progress.json").is_file()
-    if command == "tune":
+    if command.startswith("tune"):
         return any(out.glob("checkpoints/step-*/state.json"))
     if command == "select":  # the score cache: one file of scores per scorer, appended batch by batch
         return any(path.read_text(encoding="utf-8", errors="replace").count("\n") >= 2  # a header and a batch
@@ -180,7 +194,7 @@ def leftovers(command: str, out: Path) -> list[str]:
     """What a finished run should not have left: hidden files beside the output (locks, temporaries, checkpoints)
     and, for tune, its checkpoints folder."""
     found = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-    if command == "tune" and (out / "checkpoints").exists():
+    if command.startswith("tune") and (out / "checkpoints").exists():
         found.append(f"{out.name}/checkpoints")
     return found
 
@@ -278,7 +292,7 @@ def _safetensors_difference(a: bytes, b: bytes) -> str:
 def compare_outputs(command: str, out: Path, ref: Path) -> list[str]:
     """Every difference between a finished output and the reference's (empty: identical)."""
     folders = (out.parent, ref.parent)
-    if command.startswith("export"):
+    if command in ("export", "export-stream"):
         return [d for p, r in zip(products(command, out), products(command, ref)) if (d := compare_file(p, r, folders))]
     if not out.is_dir():
         return [f"{out.name}: missing"]
@@ -336,7 +350,7 @@ def partial_outputs(command: str, out: Path, ref: Path) -> list[str]:
                       if (d := _unreadable(product / rel, reference / rel))]
         elif (d := _unreadable(product, reference)) is not None:
             found.append(d)
-    if command == "tune" and (out / "manifest.json").exists():
+    if command.startswith("tune") and (out / "manifest.json").exists():
         found += [f"{p.name}: missing beside manifest.json" for p in products(command, out) if not p.exists()]
     return found
 

@@ -94,6 +94,18 @@ def test_killed_streamed_gguf_export_ends_with_the_same_file(crash, inputs, caps
     assert crash.leftovers("export-stream", out) == []  # nor the killed run's data file beside the output
 
 
+def test_killed_qat_tune_resumes_to_the_same_quantized_run(crash, inputs, capsys, monkeypatch, tmp_path):
+    ref = reference(crash, "tune-qat", inputs, tmp_path / "ref", capsys, monkeypatch)
+    out = tmp_path / "trial" / "out"
+    killed, rerun, out = killed_and_rerun(crash, "tune-qat", inputs, ref, tmp_path / "trial", random.Random(4).uniform(0, 0.05),
+                                          armed=lambda: crash.resumable("tune-qat", out))
+    assert killed.killed and rerun.resumable_before  # killed after a checkpoint, so the rerun resumed from it
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] >= 2
+    assert killed.partial == [] and rerun.partial == []
+    assert crash.compare_outputs("tune-qat", out, ref) == []  # the packed codes and scales byte for byte
+    assert crash.leftovers("tune-qat", out) == []
+
+
 def test_harness_sees_a_partial_output(crash, inputs, tmp_path):
     """The check that the trials rely on finds a folder missing a file and a cut-short file."""
     ref = tmp_path / "ref" / "out"
