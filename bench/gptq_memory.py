@@ -8,7 +8,7 @@ the process's peak RSS (``resource.getrusage``) above its RSS just before the ca
 two revisions' dequantized weights and scales are identical (the factorisation's order of operations may move a code or two).
 Results: bench/results/gptq-memory.json and .md.
 
-    .venv/bin/python bench/gptq_memory.py --before 2a1c13e      # ~3 min on 2 cores
+    .venv/bin/python bench/gptq_memory.py --before 2a1c13e      # ~2 min on 2 cores
 """
 
 from __future__ import annotations
