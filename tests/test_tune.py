@@ -263,7 +263,11 @@ def test_lora_methods_save_a_peft_adapter_that_reproduces_the_tuned_model(method
     metrics = tune(model, tokenizer, quick(toy_task, method=method, max_steps=3, lora_rank=4), tmp_path / "run")
     assert metrics["files"] == ["adapter"]
     adapter = tmp_path / "run" / "adapter"
-    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["target_modules"] == sorted(config["target_modules"])  # the same bytes from every process
+    assert sorted(p.name for p in adapter.parent.iterdir()) == ["adapter", "manifest.json", "metrics.json", "metrics.jsonl",
+                                                                  "tune_config.json"]  # no lock or temporary left
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         tuned = model(ids).logits

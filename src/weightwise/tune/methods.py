@@ -21,6 +21,7 @@ added to frozen weights and the scales. The base classes are in base.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import warnings
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from weightwise.io.artifacts import atomic_output_dir, write_json_atomic
 from weightwise.tune import compander
 from weightwise.tune.base import AdamWMethod, TuneMethod, freeze
 from weightwise.comm import Comm
@@ -282,15 +284,17 @@ class LoraMethod(AdamWMethod):
         return self.model
 
     def save_result(self, out_dir, metadata, patch_dtype, tokenizer=None):
-        target = out_dir / ADAPTER_DIR
-        if self.initial is None:
-            self.model.save_pretrained(target)
-            return [ADAPTER_DIR]
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            # the conversion loads the initial adapter beside the trained one, and peft warns about its own step
-            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
-            self._save_initial_adapter(Path(tmp) / "initial")
-            self.model.save_pretrained(target, path_initial_model_for_weight_conversion=str(Path(tmp) / "initial"))
+        """The adapter folder, written beside and renamed into place whole (never seen half-written)."""
+        with atomic_output_dir(out_dir / ADAPTER_DIR) as target:
+            if self.initial is None:
+                self.model.save_pretrained(target)
+            else:
+                with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                    # the conversion loads the initial adapter beside the trained one, and peft warns about its own step
+                    warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+                    self._save_initial_adapter(Path(tmp) / "initial")
+                    self.model.save_pretrained(target, path_initial_model_for_weight_conversion=str(Path(tmp) / "initial"))
+            _sort_target_modules(target / "adapter_config.json")
         return [ADAPTER_DIR]
 
     @torch.no_grad()
@@ -308,6 +312,15 @@ class LoraMethod(AdamWMethod):
             adapter.init_lora_weights = init
             for name, p in self.params.items():
                 p.copy_(trained[name])
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in the set's order, which changes from process to
+    process (string hashing): sorted, the same run writes the same bytes (peft reads it back as a set)."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        write_json_atomic(config_file, config)
 
 
 METHODS: dict[type[TuneMethodConfig], type[TuneMethod]] = {
