@@ -25,7 +25,7 @@ quantized run), ``export`` (GGUF with ``--overwrite``, so that the command is th
 and ``select`` (loss and EL2N scores of the task's examples, resumes from its score cache; its report's seconds
 and rates are not compared).
 
-    .venv/bin/python bench/crash.py --trials 20          # the full run (JSON + Markdown: bench/results/crash.*)
+    .venv/bin/python bench/crash.py --trials 20          # every command (JSON + Markdown: bench/results/crash.*)
     .venv/bin/python bench/crash.py --trials 2 --commands quantize export --out /tmp/crash   # a look
 """
 
