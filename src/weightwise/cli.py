@@ -147,7 +147,7 @@ def quantize_cmd(
     nccl on GPUs): each calibrates on its share of the batches and quantizes its share of each block's layers;
     process 0 writes.
     """
-    from weightwise.comm import Comm
+    from weightwise.comm import process_group
     from weightwise.evaluate.size import model_size
     from weightwise.heap import mmap_allocations_from
     from weightwise.quantize.api import quantize_to_folder
@@ -168,19 +168,19 @@ def quantize_cmd(
     if block_tune and recipe.block_tune is None:  # a YAML's block_tune settings win over the flag's defaults
         recipe = validated(QuantRecipe, {**recipe.model_dump(), "block_tune": {}})
     work_device = _work_device(device)
-    comm = Comm.from_environment(work_device)
-    show = _progress if comm.is_main else _no_progress
     if stream or (stream is None and not trust_remote_code):
         # a freed tensor's memory goes back to the OS at once: block by block, tensors of many sizes are freed and
         # allocated, and glibc's heap would keep the fragments (SmolLM2-135M GPTQ: peak 1.13 GB → 0.79 GB, for
         # ~25 % more CPU time in page faults; not worth it for the whole model in memory: 1.45 → 1.35 GB)
         mmap_allocations_from(1 << 20)
-    with show(f"quantizing {model} ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
-        qmodel = quantize_to_folder(model, recipe, output, stream=stream, progress=update, device=work_device, comm=comm,
-                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    size = model_size(qmodel)
+    with process_group(work_device) as comm:
+        show = _progress if comm.is_main else _no_progress
+        with show(f"quantizing {model} ({recipe.method.name}, {recipe.format}) on {work_device}") as update:
+            qmodel = quantize_to_folder(model, recipe, output, stream=stream, progress=update, device=work_device, comm=comm,
+                                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if not comm.is_main:
         return
+    size = model_size(qmodel)
     info = quantization_record(qmodel).summary()
     summary = Table(show_header=False, title=f"{output}")
     summary.add_row("layers quantized", str(info["layers"]))
@@ -349,6 +349,7 @@ def tune_cmd(
     """
     import os
 
+    from weightwise.comm import process_group
     from weightwise.io.models import model_source_info
     from weightwise.tune.api import tune
 
@@ -372,9 +373,11 @@ def tune_cmd(
         model_obj, tokenizer = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise WeightwiseError(f"{model} has no tokenizer files; save the tokenizer with the model")
-    model_obj.to(_work_device(device))
-    with _tune_progress(out, cfg.method.name) as update:
-        metrics = tune(model_obj, tokenizer, cfg, output, progress=update, overwrite=overwrite, source=model_source_info(model))
+    work_device = _work_device(device)
+    model_obj.to(work_device)
+    with process_group(work_device) as comm, _tune_progress(out, cfg.method.name) as update:
+        metrics = tune(model_obj, tokenizer, cfg, output, progress=update, overwrite=overwrite, source=model_source_info(model),
+                       comm=comm)
     if main_process:
         _print_tune_summary(output, metrics)
 

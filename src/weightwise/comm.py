@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +103,20 @@ class Comm:
 
             dist.barrier()
 
+    def leave(self) -> None:
+        """Wait for every process, then leave the group.
+
+        A process that exits holding the group while a peer has already closed its side can abort in gloo's
+        teardown ("terminate called without an active exception"), failing a command that succeeded.
+        """
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def identical(self, tensors: list[torch.Tensor]) -> bool:
         """True when ``tensors`` hold the same bytes on every process (compares a SHA-256 prefix)."""
         if self.world == 1:
@@ -116,3 +132,14 @@ class Comm:
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         return int(low.item()) == int(high.item())
+
+
+@contextmanager
+def process_group(device: torch.device | None = None) -> Iterator[Comm]:
+    """:meth:`Comm.from_environment` for one whole command, left together when the command succeeds.
+
+    On an error the group is not waited for (the others may never arrive); the launcher stops them.
+    """
+    comm = Comm.from_environment(device)
+    yield comm
+    comm.leave()
