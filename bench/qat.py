@@ -89,16 +89,17 @@ ROWS: dict[str, dict] = {
     "int3-ptq": {"format": "int3", "init": "gptq-int3-g64-clip-ls4"},
     "int3-rtn": {"format": "int3", "init": "rtn"},
     "int2-rtn-lora": {"format": "int2_asym", "init": "rtn", "method": "qat-lora"},
+    "ternary-rtn": {"format": "ternary", "init": "rtn"},
 }
-# The targets (2.0 × and 1.1 × the source's ppl 15.1) and where the PTQ figures they are set against live:
+# The targets (2.0 × and 1.1 × the source's ppl 15.1; ternary's stretch 10 ×) and where the PTQ figures they are set against live:
 # (recipe in bench/methods.py, results file). The first is the figure the target beats; the second, when given, is
 # the CPU measurement of the very recipe QAT starts from.
-TARGETS = {"int2_asym": 30.2, "int3": 16.6}
+TARGETS = {"int2_asym": 30.2, "int3": 16.6, "ternary": 151.0}
 PTQ_REFERENCES = {
     "int2_asym": [("gptq-int2_asym-g64-clip-ls4", "methods-s4.json")],
     "int3": [("gptq-int3-g64-clip-ls4-bt", "methods-gpu.json"), ("gptq-int3-g64-clip-ls4", "methods-s3.json")],
 }
-GGUF_EXACT = {"int2_asym": "Q4_1", "int3_asym": "Q4_1", "int2": "Q4_0", "int3": "Q4_0"}  # export/gguf_types.py's rules
+GGUF_EXACT = {"int2_asym": "Q4_1", "int3_asym": "Q4_1", "int2": "Q4_0", "int3": "Q4_0", "ternary": "Q4_0"}  # export/gguf_types.py's rules
 QUICK_ROWS = ("int2-ptq", "int2-rtn-damp-freeze", "int3-rtn", "int2-rtn-lora")  # one of each path: PTQ start,
 # damp/freeze, Q4_0 export, qat-lora
 OSCILLATION_TAIL = 0.10  # the last fraction of steps averaged for the "final" oscillating fraction

@@ -168,6 +168,17 @@ def test_all_finite_looks_at_every_strip(bad):
     assert not all_finite(t) and not all_finite(t[2400]) and all_finite(t[:2048])
 
 
+def test_all_finite_past_an_overflowing_sum_and_for_float8():
+    big = torch.full((3000, 2), 3e38)
+    assert not torch.isfinite(big.sum()) and all_finite(big)  # the fast path fails; every entry is still finite
+    big[2900, 0] = float("inf")
+    assert not all_finite(big)
+    small = torch.zeros(2000, 4).to(torch.float8_e4m3fn)  # torch has no CPU sum for float8
+    assert all_finite(small)
+    small[1500, 2] = float("nan")
+    assert not all_finite(small) and all_finite(torch.arange(5))
+
+
 def test_dead_input_channel_is_zeroed():
     w, x, _ = _layer()
     x[:, 5] = 0

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.formats.quantizer import all_finite
 from weightwise.io.artifacts import folder_file
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -89,10 +90,8 @@ class LazyWeights:
 
 
 def check_finite_tensor(name: str, tensor: torch.Tensor, where: str | Path) -> None:
-    """Refuse NaN/Inf values (a finite sum proves a tensor finite; the full check only runs if not)."""
-    if tensor.is_floating_point() and tensor.element_size() == 1 and not tensor.is_meta:
-        tensor = tensor.float()  # float8: torch has no sum for it on the CPU
-    if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+    """Refuse NaN/Inf values in a loaded tensor, naming the file it came from."""
+    if not all_finite(tensor):
         raise WeightwiseError(
             f"weight '{name}' loaded from '{where}' has NaN/Inf values; the checkpoint is damaged: re-create or re-download it"
         )

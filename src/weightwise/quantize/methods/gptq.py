@@ -14,6 +14,7 @@ from weightwise.errors import WeightwiseError
 from weightwise.formats.base import SHIFT_BITS, QuantizedTensor, QuantSpec
 from weightwise.formats.packing import pack_codes
 from weightwise.formats.quantizer import (
+    STRIP_ROWS,
     all_finite,
     check_finite,
     compute_ratio_scales,
@@ -90,16 +91,13 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return scale, offset, int(ok.sum())
 
 
-_STRIP = 1024  # rows per strip when a large matrix is copied or converted piecewise
-
-
 def _reversed_hessian(hessian: torch.Tensor, backwards: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
     """J P H P J in float64 (rows and columns in ``backwards`` order, the diagonal replaced by ``diagonal``), built a
     strip of rows at a time: no float32 copy of the whole matrix beside it (11008 inputs: 0.5 GB each)."""
     n = len(backwards)
     out = torch.empty(n, n, dtype=torch.float64, device=hessian.device)
-    for start in range(0, n, _STRIP):
-        out[start : start + _STRIP] = hessian.index_select(0, backwards[start : start + _STRIP]).index_select(1, backwards)
+    for start in range(0, n, STRIP_ROWS):
+        out[start : start + STRIP_ROWS] = hessian.index_select(0, backwards[start : start + STRIP_ROWS]).index_select(1, backwards)
     out.diagonal().copy_(diagonal[backwards])
     return out
 
@@ -134,8 +132,8 @@ def _inverse_cholesky(reversed_h: torch.Tensor, damp: float, max_retries: int) -
                 raise WeightwiseError(f"GPTQ: the inverse Hessian factor is not finite (dampening {d:g}·mean(diag)); "
                                       "check the calibration statistics (enough tokens, no NaN) or raise damp")
             factor = torch.empty(n, n, dtype=torch.float32, device=h.device)
-            for start in range(0, n, _STRIP):  # factor[i, j] = M⁻¹[n-1-i, n-1-j] = h[n-1-j, n-1-i]
-                stop = min(start + _STRIP, n)
+            for start in range(0, n, STRIP_ROWS):  # factor[i, j] = M⁻¹[n-1-i, n-1-j] = h[n-1-j, n-1-i]
+                stop = min(start + STRIP_ROWS, n)
                 factor[start:stop] = h[:, n - stop : n - start].T.flip(0, 1)
             return factor, d, retry
     raise WeightwiseError(
