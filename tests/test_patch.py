@@ -18,7 +18,9 @@ from weightwise.tune.patch import (
     WeightPatch,
     compose,
     decode_indices,
+    decode_values,
     encode_indices,
+    encode_values,
 )
 
 
@@ -356,3 +358,16 @@ def test_info_reports_header_fields(tmp_path):
     assert tensor["shape"] == [64, 64] and tensor["entries"] == int(0.05 * 64 * 64)
     assert tensor["density"] == pytest.approx(0.05, abs=1 / 4096) and 0 < tensor["bytes"] < 64 * 64
     assert json.loads(json.dumps(info["metadata"])) == patch.metadata
+
+
+def test_non_finite_deltas_and_out_of_range_values_are_refused():
+    """A tuned tensor with NaN, or a delta fp16 cannot hold, is refused with a message naming the fix."""
+    base = {"w": torch.zeros(4, 4)}
+    tuned = {"w": torch.zeros(4, 4)}
+    tuned["w"][1, 2] = float("nan")
+    with pytest.raises(WeightwiseError, match="NaN/Inf values after tuning"):
+        WeightPatch.from_models(base, tuned, {"base_model_hash": state_dict_fingerprint(base)})
+    with pytest.raises(WeightwiseError, match="exceeds the fp16 range"):
+        encode_values(torch.tensor([1.0, 1e6]), "fp16")
+    stored, scale = encode_values(torch.tensor([1.0, 1e6]), "bf16")  # bf16 holds it
+    assert scale is None and torch.equal(decode_values(stored, scale), torch.tensor([1.0, 999424.0]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from weightwise.errors import WeightwiseError
+from weightwise.formats.quantizer import all_finite
 
 
 def budget_k(shape: tuple[int, int], density: float | None = None, rank_budget: int | None = None) -> int:
@@ -48,7 +49,7 @@ def _check(weight: torch.Tensor, k: int) -> None:
         raise WeightwiseError(f"masks are defined for 2-D weight matrices, got shape {tuple(weight.shape)}")
     if not 1 <= k <= weight.numel():
         raise WeightwiseError(f"mask size k={k} must lie in [1, {weight.numel()}] for a {tuple(weight.shape)} weight")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise WeightwiseError("the weight holds NaN or Inf entries; a mask cannot be chosen from it")
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from weightwise.errors import WeightwiseError
+from weightwise.formats.quantizer import all_finite
 from weightwise.io.artifacts import (
     MANIFEST_NAME,
     canonical_safetensors,
@@ -69,7 +70,7 @@ def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[torch.Tensor,
         scale = torch.tensor(absmax / 127 if absmax > 0 else 1.0, dtype=torch.float32)
         return torch.round(values / scale).clamp(-127, 127).to(torch.int8), scale
     stored = values.to(VALUE_DTYPES[value_dtype])
-    if not torch.isfinite(stored).all():
+    if not all_finite(stored):
         raise WeightwiseError(f"a delta exceeds the {value_dtype} range; save the patch with value_dtype 'bf16' or 'fp32'")
     return stored, None
 
@@ -161,7 +162,7 @@ class WeightPatch:
             if not changed.numel():
                 continue
             delta = t[changed] - b[changed]
-            if not torch.isfinite(delta).all():
+            if not all_finite(delta):
                 raise WeightwiseError(f"tensor '{name}' has NaN/Inf values after tuning; lower the learning rate and re-run")
             entries[name], shapes[name] = (changed, delta), tuple(base[name].shape)
         return cls(entries, shapes, dict(metadata))
@@ -242,7 +243,7 @@ class WeightPatch:
                 raise corrupt(f"{name}: shape {shape}")
             if idx.numel() != count or values.numel() != count:
                 raise corrupt(f"{name}: {idx.numel()} indices, {values.numel()} values, header says {count}")
-            if not torch.isfinite(values).all():
+            if not all_finite(values):
                 raise corrupt(f"{name}: NaN/Inf deltas")
             entries[name], shapes[name] = (idx, values), shape
         try:
