@@ -28,7 +28,9 @@ The protocol, on the default SmolLM2-135M-Instruct (``load_model("default")``):
   dampening loss ``--dampening`` and freezing past ``--freeze-threshold``): final oscillating fraction (the last
   step's, and the mean over the last 10 % of steps), frozen fraction, ppl; ``int2-rtn-lora`` (QAT-LoRA, ``method:
   qat-lora``: W0 frozen, a rank ``--lora-rank`` pair and the scales trained at ``--lora-lr``; ``int2-rtn`` is its QAT
-  arm on the same tokens): ppl, trained parameters, optimizer state and peak memory of training. A PTQ start is
+  arm on the same tokens): ppl, trained parameters, optimizer state and peak memory of training; ``float-full`` (the
+  control: a float full fine-tune, ``method: full``, on the same tokens, its tune run (base + patch) scored: how much
+  of a QAT row's ppl is adaptation to the training text rather than recovery of the source). A PTQ start is
   quantized with weightwise's own ``quantize`` (the recipe of bench/methods.py) and cached in ``WORK/ptq/<recipe>/`` when absent; the PTQ
   reference figures are read from bench/results/methods-*.json (16 windows), "not measured" when absent.
 - Each row records training tokens, steps, epochs, wall-clock, peak RSS of training (the worker's own process), the
@@ -90,6 +92,7 @@ ROWS: dict[str, dict] = {
     "int3-rtn": {"format": "int3", "init": "rtn"},
     "int2-rtn-lora": {"format": "int2_asym", "init": "rtn", "method": "qat-lora"},
     "ternary-rtn": {"format": "ternary", "init": "rtn"},
+    "float-full": {"format": None, "init": "source", "method": "full"},  # the control: a float fine-tune, same tokens
 }
 # The targets (2.0 × and 1.1 × the source's ppl 15.1; ternary's stretch 10 ×) and where the PTQ figures they are set against live:
 # (recipe in bench/methods.py, results file). The first is the figure the target beats; the second, when given, is
@@ -132,8 +135,10 @@ def ptq_folder(name: str, args) -> Path:
 
 
 def method_config(row: str, args) -> dict:
-    """The qat (or qat-lora) method config of a row (``init``: "rtn" or the PTQ run's folder)."""
+    """The qat (or qat-lora) method config of a row (``init``: "rtn" or the PTQ run's folder); the control's "full"."""
     spec = ROWS[row]
+    if spec.get("method") == "full":
+        return {"name": "full"}
     init = "rtn" if spec["init"] == "rtn" else str(ptq_folder(spec["init"], args))
     config = {"name": spec.get("method", "qat"), "format": spec["format"], "group_size": GROUP_SIZE, "init": init}
     if config["name"] == "qat-lora":
@@ -156,7 +161,12 @@ def row_key(row: str, args, data: dict) -> dict:
     spec = ROWS[row]
     return {"tune": tune_config(row, args, data), "data_sha256": data["sha256"], "eval_tokens": eval_tokens(args),
             "window": WINDOW, "device": args.device, "quick": args.quick,
-            "ptq_recipe": None if spec["init"] == "rtn" else ptq_recipe(spec["init"], args)}
+            "ptq_recipe": ptq_recipe(spec["init"], args) if is_ptq_start(spec) else None}
+
+
+def is_ptq_start(spec: dict) -> bool:
+    """Whether a row starts from a PTQ run (not RTN, not the float source)."""
+    return spec["init"] not in ("rtn", "source")
 
 
 def ptq_references() -> dict:
@@ -244,7 +254,7 @@ def peak_rss_mb() -> float:
 
 def train_row(row: str, args, data: dict, out: Path) -> dict:
     """`tune` with qat; a finished run of the same config is reused, a checkpoint of it resumed."""
-    from weightwise.io.models import load_model
+    from weightwise.io.models import load_model, model_source_info
     from weightwise.tune.api import tune
     from weightwise.tune.config import TuneConfig
 
@@ -257,7 +267,7 @@ def train_row(row: str, args, data: dict, out: Path) -> dict:
     model.to(args.device)
     started = time.perf_counter()
     metrics = tune(model, tokenizer, config, out, overwrite=config_file.is_file() and not same,
-                   progress=Progress(row))
+                   progress=Progress(row), source=model_source_info("default"))  # a float run loads base + patch
     metrics["wall_seconds"] = time.perf_counter() - started
     if args.device.startswith("cuda"):
         metrics["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -314,12 +324,14 @@ def score(model, tokenizer, source, args) -> dict:
 
 
 def init_score(row: str, args, source, tokenizer) -> dict:
-    """The starting point scored like the result: RTN quantized in memory, or the PTQ start's saved run."""
+    """The starting point scored like the result: RTN quantized in memory, the PTQ start's saved run, or the source."""
     from weightwise.io.models import load_model
     from weightwise.quantize import quantize
 
     spec = ROWS[row]
-    if spec["init"] == "rtn":
+    if spec["init"] == "source":
+        start = source
+    elif spec["init"] == "rtn":
         start = quantize(source, {"format": spec["format"], "group_size": GROUP_SIZE})
     else:
         start, _ = load_model(ptq_folder(spec["init"], args))
@@ -328,6 +340,8 @@ def init_score(row: str, args, source, tokenizer) -> dict:
 
 def gguf_row(model, tokenizer, fmt: str, path: Path, args) -> dict:
     """Export the run to GGUF where a type holds it exactly, and measure it in llama.cpp when llama-cpp-python is there."""
+    if fmt is None:
+        return {"skipped": "float: not exported"}
     if fmt not in GGUF_EXACT:
         return {"skipped": f"no exact GGUF type for {fmt} (export/gguf_types.py)"}
     from weightwise.evaluate import token_windows
@@ -378,8 +392,9 @@ def run_row(row: str, args, data: dict) -> dict:
     record["loss_curve"] = [{"step": r["step"], "loss": r["loss"]} for r in log[:: max(1, len(log) // 20)]] + (
         [{"step": log[-1]["step"], "loss": log[-1]["loss"]}] if log else [])
     source, tokenizer = load_model("default")
-    run, run_tokenizer = load_model(out / "model")  # the saved artefact
-    print(f"[{row}] evaluating the saved run {out / 'model'}", flush=True)
+    saved = out if ROWS[row]["format"] is None else out / "model"  # a float tune run (base + patch) or the quantized run
+    run, run_tokenizer = load_model(saved)  # the saved artefact
+    print(f"[{row}] evaluating the saved run {saved}", flush=True)
     record["result"] = score(run, run_tokenizer, source, args)
     print(f"[{row}] ppl {record['result']['ppl']:.3f} (source {record['result']['reference_ppl']:.3f}); scoring the start",
           flush=True)
@@ -441,7 +456,7 @@ def estimate(row: str, results: dict, args) -> str:
         return f"[{row}] {tokens:,} training tokens; no estimate ({why})"
     return (f"[{row}] estimate: {tokens:,} training tokens at {rate:.0f} tok/s ({why}) ≈ {tokens / rate / 60:.0f} min of "
             "training, plus loading, two evaluations and the GGUF export (a few minutes)"
-            + ("" if ROWS[row]["init"] == "rtn" else ", plus the PTQ quantization when its run is not cached"))
+            + (", plus the PTQ quantization when its run is not cached" if is_ptq_start(ROWS[row]) else ""))
 
 
 def measure(row: str, args, data: dict, results: dict, save) -> None:
@@ -455,7 +470,7 @@ def measure(row: str, args, data: dict, results: dict, save) -> None:
     record = {"key": key}
     try:
         init = ROWS[row]["init"]
-        if init != "rtn":
+        if is_ptq_start(ROWS[row]):
             record["ptq"] = subprocess_json("ptq-worker", init, args, work / f"{init}.ptq-worker.json")
         record.update(subprocess_json("worker", row, args, work / row / "row.json"))
     except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
@@ -491,7 +506,7 @@ def markdown(results: dict) -> str:
         r = results["rows"].get(name)
         if r is None:
             continue
-        fmt = ROWS[name]["format"]
+        fmt = ROWS[name]["format"] or "float32"
         if "result" not in r:
             lines.append(f"| {name} | {fmt} | {ROWS[name]['init']} | – | – | – | – | {r.get('error', 'not finished')} "
                          "| – | – | – | – | – | – | – | – |")
@@ -505,7 +520,7 @@ def markdown(results: dict) -> str:
         llama = gguf.get("llama_cpp")
         llama_ppl = _num(llama["ppl"]) if isinstance(llama, dict) else (llama or gguf.get("skipped") or gguf.get("error") or "–")
         lines.append(
-            f"| {name} | {fmt} g{GROUP_SIZE} | {start} | {res['bits_per_weight']:.3f} | "
+            f"| {name} | {fmt}{'' if fmt == 'float32' else f' g{GROUP_SIZE}'} | {start} | {res['bits_per_weight']:.3f} | "
             f"{train['tokens_all_steps']:,} | {train['steps']} | {_num(r['init'].get('ppl'))} | {res['ppl']:.3f}{met} | "
             f"{res['kl_mean']:.4f} | {_num(target, '.1f')} | {ref} | {gguf.get('type', '–')} "
             f"{_num(gguf.get('file_bytes') and gguf['file_bytes'] / 1e6, '.1f')} MB | {llama_ppl} | "
