@@ -323,15 +323,16 @@ def score(model, tokenizer, source, args) -> dict:
                                       "top1_agreement", "bits_per_weight", "total_bytes", "eval_seconds"})
 
 
-def init_score(row: str, args, source, tokenizer) -> dict:
-    """The starting point scored like the result: RTN quantized in memory, the PTQ start's saved run, or the source."""
+def init_score(row: str, args, source, tokenizer, source_ppl: float) -> dict:
+    """The starting point scored like the result: RTN quantized in memory or the PTQ start's saved run; a float row's
+    start is the source, whose ppl the result's evaluation already measured (``source_ppl``)."""
     from weightwise.io.models import load_model
     from weightwise.quantize import quantize
 
     spec = ROWS[row]
     if spec["init"] == "source":
-        start = source
-    elif spec["init"] == "rtn":
+        return {"ppl": source_ppl}
+    if spec["init"] == "rtn":
         start = quantize(source, {"format": spec["format"], "group_size": GROUP_SIZE})
     else:
         start, _ = load_model(ptq_folder(spec["init"], args))
@@ -392,13 +393,12 @@ def run_row(row: str, args, data: dict) -> dict:
     record["loss_curve"] = [{"step": r["step"], "loss": r["loss"]} for r in log[:: max(1, len(log) // 20)]] + (
         [{"step": log[-1]["step"], "loss": log[-1]["loss"]}] if log else [])
     source, tokenizer = load_model("default")
-    saved = out if ROWS[row]["format"] is None else out / "model"  # a float tune run (base + patch) or the quantized run
-    run, run_tokenizer = load_model(saved)  # the saved artefact
-    print(f"[{row}] evaluating the saved run {saved}", flush=True)
+    run, run_tokenizer = load_model(out)  # the saved artefact: a qat run's quantized model/, a float run's base + patch
+    print(f"[{row}] evaluating the saved run {out}", flush=True)
     record["result"] = score(run, run_tokenizer, source, args)
     print(f"[{row}] ppl {record['result']['ppl']:.3f} (source {record['result']['reference_ppl']:.3f}); scoring the start",
           flush=True)
-    record["init"] = init_score(row, args, source, tokenizer)
+    record["init"] = init_score(row, args, source, tokenizer, record["result"]["reference_ppl"])
     del source
     print(f"[{row}] start ppl {record['init']['ppl']:.3f}; GGUF export", flush=True)
     try:
