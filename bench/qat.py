@@ -55,7 +55,7 @@ so this puts its per-weight gradient at a fraction of the task loss's) were chos
 ``--quick`` runs the rows int2-ptq, int2-rtn-damp-freeze, int3-rtn and int2-rtn-lora (one of each path), trains 3
 steps of 2 × 128-token windows (a checkpoint at step 2), scores 2 eval windows and, instead of the GPTQ runs (minutes each),
 starts the PTQ row from a round-to-nearest run saved by the same ``quantize`` path: it checks the wiring only. Results: bench/results/qat.json and qat.md beside it (``--quick``: qat-quick.*), rewritten
-after every row; a rerun skips rows measured with the same settings. Every row (and every PTQ quantization) runs in
+after every row; a rerun skips rows measured with the same settings unless ``--remeasure ROW`` names them. Every row (and every PTQ quantization) runs in
 its own process, so its peak RSS is its own. Work files: runs/bench-qat[-quick]/.
 """
 
@@ -462,7 +462,7 @@ def estimate(row: str, results: dict, args) -> str:
 def measure(row: str, args, data: dict, results: dict, save) -> None:
     key = row_key(row, args, data)
     stored = results["rows"].get(row)
-    if stored and stored.get("key") == key and "result" in stored:
+    if stored and stored.get("key") == key and "result" in stored and row not in args.remeasure:
         print(f"[{row}] measured before with these settings: ppl {stored['result']['ppl']:.3f}", flush=True)
         return
     print(estimate(row, results, args), flush=True)
@@ -565,6 +565,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "int2-rtn-lora; 3 steps of 2 × 128 tokens, 2 eval windows, RTN stand-ins for the PTQ starts: the wiring only (results in "
                         "bench/results/qat-quick.*)")
     parser.add_argument("--only", nargs="+", choices=list(ROWS), metavar="ROW", help=f"rows: {', '.join(ROWS)}")
+    parser.add_argument("--remeasure", nargs="+", default=[], choices=list(ROWS), metavar="ROW",
+                        help="rows to measure again even when stored with the same settings (e.g. once llama-cpp-python "
+                        "is installed, for a row whose llama.cpp ppl is missing)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per row (default 300; quick 3)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per step (default 4; quick 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per training window (default 512; quick 128)")
