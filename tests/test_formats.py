@@ -68,6 +68,27 @@ def test_rounding_is_monotone(name, a, b):
     assert q[0, 0] <= q[0, 1]
 
 
+ARITHMETIC_FORMATS = [n for n in ALL_FORMATS if get_format(n).grid_code_offset is not None]
+
+
+def test_integer_and_ternary_grids_round_by_arithmetic():
+    assert {"int2", "int4_asym", "int8", "ternary"} <= set(ARITHMETIC_FORMATS)
+    assert get_format("ternary").code_offset is None  # its unused fourth code still dequantizes through the table
+
+
+@pytest.mark.parametrize("name", ARITHMETIC_FORMATS)
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.one_of(finite, st.integers(-130, 130).map(lambda i: i / 2)), min_size=1, max_size=64))
+def test_arithmetic_rounding_picks_the_nearest_code_ties_low(name, values):
+    """The arithmetic nearest code equals a plain search of the grid (nearest value, an exact tie to the lower)."""
+    fmt = get_format(name)
+    y = torch.tensor(values, dtype=torch.float32)
+    grid = fmt.grid.to(torch.float32)
+    distance = (y.unsqueeze(-1) - grid).abs()
+    nearest = grid[distance.argmin(-1)]  # argmin takes the first, i.e. the lower, of two equal distances
+    assert torch.equal(fmt.code_values(fmt.nearest_codes(y)), nearest)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_weights_rejected(bad):
     w = torch.randn(4, 32)

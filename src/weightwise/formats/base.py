@@ -75,6 +75,15 @@ class NumberFormat:
         k = self.values[0]
         return k if all(v == c + k for c, v in enumerate(self.values)) else None
 
+    @cached_property
+    def grid_code_offset(self) -> float | None:
+        """k when every representable code's value is ``code + k`` and the unused (NaN) codes come after them, as in
+        integer formats and ternary ({-1, 0, +1} and one unused code): the nearest code is then arithmetic."""
+        finite = [v for v in self.values if not math.isnan(v)]
+        k = self.values[0]
+        uniform = all(v == c + k for c, v in enumerate(finite))
+        return k if uniform and all(math.isnan(v) for v in self.values[len(finite):]) else None
+
     def code_values(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 value of each code."""
         if self.code_offset is not None:
@@ -102,9 +111,9 @@ class NumberFormat:
 
         Values beyond the grid saturate to its ends; an exact tie goes to the lower value.
         """
-        if self.code_offset is not None:  # uniform integer grid: arithmetic is ~8x faster than a search
+        if self.grid_code_offset is not None:  # uniform integer grid: arithmetic is ~6x faster than a search
             q = torch.ceil(y.to(torch.float32) - 0.5).clamp_(self.min_value, self.max_value)
-            return (q - self.code_offset).to(torch.uint8)
+            return (q - self.grid_code_offset).to(torch.uint8)
         idx = torch.bucketize(y.to(torch.float32), self._midpoints.to(y.device), right=False)
         return self._grid_codes.to(y.device)[idx]
 
