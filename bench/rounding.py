@@ -1,7 +1,7 @@
 """Benchmark: the cost of rounding to the nearest code, by arithmetic against a search of the grid, on real weights.
 
 QAT rounds every latent weight three times a step (the forward's codes, the backward's recomputation, oscillation
-tracking), so on the default SmolLM2 (210 linear weights, 107.8 M entries) the rounding rule is part of each step's
+tracking), so on the default SmolLM2 (210 linear weights, 106.2 M entries) the rounding rule is part of each step's
 time. Formats whose codes are consecutive integers (``NumberFormat.grid_code_offset``: int*, int*_asym and ternary,
 whose fourth code is unused) round by arithmetic; the others search the sorted grid (``torch.bucketize``). For each
 format this times one pass of ``nearest_codes`` over the weights (each row scaled to its absmax on the grid), and
@@ -24,12 +24,8 @@ import torch
 from weightwise.formats import FORMAT_NAMES, get_format
 from weightwise.io.artifacts import environment_versions, write_json_atomic, write_text_atomic
 from weightwise.io.models import load_model
-
-
-def layer_weights(model) -> list[torch.Tensor]:
-    """The decoder layers' linear weights (the ones QAT trains)."""
-    return [m.weight.detach() for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"]
+from weightwise.tune.api import target_modules
+from weightwise.tune.config import TuneConfig
 
 
 def grid_search(fmt, y: torch.Tensor) -> torch.Tensor:
@@ -81,7 +77,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, _ = load_model("default")
-    weights = layer_weights(model)
+    weights = [m.weight.detach() for m in target_modules(model, TuneConfig()).values()]  # the linears QAT trains
     rows = [measure(name, weights, args.repeats) for name in args.formats]
     results = {"model": "default", "linear_weights": len(weights), "threads": args.threads, "repeats": args.repeats,
                "versions": environment_versions(), "rows": rows}
